@@ -1,0 +1,113 @@
+"""Checkpoints: one self-contained file of plain types and tensors, written atomically, loaded safely.
+
+A checkpoint holds the model weights, the run config, the SentencePiece model bytes, and for resuming the
+optimizer/scheduler state, epoch, step, best metric and RNG states. It loads with `weights_only=True`, so a
+file from a stranger cannot run code when unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .errors import CheckpointError
+from .models.captioner import Captioner
+from .text import Tokenizer
+
+FORMAT_VERSION = 1
+
+
+def clean_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the prefixes DDP (`module.`) and torch.compile (`_orig_mod.`) add, so any wrapper's weights load."""
+    return {k.replace("_orig_mod.", "").removeprefix("module."): v for k, v in state.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any point
+    leaves either the previous file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format_version": FORMAT_VERSION, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Safe load (weights_only=True) with clear errors for missing, corrupt, unsafe and incompatible files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"checkpoint {path} cannot be loaded safely (weights_only=True refused it or it is corrupt): {first_line}"
+        ) from None
+    if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
+        raise CheckpointError(f"checkpoint {path} is not a captioner checkpoint (no 'model'/'config' entries)")
+    version = payload.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}; this captioner reads {FORMAT_VERSION}")
+    return payload
+
+
+def tokenizer_from_payload(payload: dict[str, Any]) -> Tokenizer:
+    return Tokenizer(payload["tokenizer"].numpy().tobytes())
+
+
+def tokenizer_payload(tokenizer: Tokenizer) -> torch.Tensor:
+    """SentencePiece bytes as a uint8 tensor: a plain tensor in the checkpoint, safe under weights_only."""
+    return torch.frombuffer(bytearray(tokenizer.model_bytes), dtype=torch.uint8)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Captioner, Tokenizer, RunConfig]:
+    """Checkpoint -> (model in eval mode on `device`, tokenizer, run config). Everything comes from the file."""
+    payload = load_checkpoint(path)
+    try:
+        cfg = RunConfig.from_dict(payload["config"], source=f"checkpoint {path}")
+        tokenizer = tokenizer_from_payload(payload)
+        model = Captioner(cfg.model, load_encoder_weights=False)
+        model.load_state_dict(clean_state_dict(payload["model"]))
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {path} does not match this captioner's model: {exc}") from None
+    return model.to(device).eval(), tokenizer, cfg

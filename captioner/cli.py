@@ -1,0 +1,89 @@
+"""`captioner` command line: argparse subcommands, each a thin call into the library.
+
+Exit status: 0 success; 1 some items failed (e.g. unreadable images while captioning); 2 a usage or input
+error (bad flag, missing or malformed file), reported as one message without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import CaptionerError
+
+
+def _add_dataset_flags(p: argparse.ArgumentParser, default_split: str | None) -> None:
+    g = p.add_argument_group("dataset")
+    g.add_argument("--dataset", choices=("coco", "flickr8k", "karpathy"), default="coco")
+    g.add_argument("--captions", default="", help="coco: caption JSON of the split to score")
+    g.add_argument("--images", default="", help="coco: image folder of that split")
+    g.add_argument("--root", default="", help="flickr8k: folder holding Flickr8k_text/; karpathy: image root")
+    g.add_argument("--karpathy-json", default="")
+    g.add_argument("--split", default=default_split, choices=("train", "val", "dev", "test"),
+                   help="flickr8k/karpathy split (default: %(default)s)")
+    g.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
+
+
+def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("decoding")
+    g.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
+    g.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for ranking beams (0 = raw)")
+    g.add_argument("--max-len", type=int, default=30, help="maximum caption length in tokens")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .train_cli import add_train_arguments
+
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    add_train_arguments(sub.add_parser("train", help="train a captioner"))
+
+    p = sub.add_parser("evaluate", help="decode a dataset split and score BLEU-1..4")
+    p.add_argument("--checkpoint", required=True)
+    _add_dataset_flags(p, default_split="test")
+    _add_decoding_flags(p)
+    p.add_argument("--out", default="", help="write the metrics JSON here")
+    p.add_argument("--results", default="", help="write the COCO results file here")
+
+    p = sub.add_parser("caption", help="caption image files or folders")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
+    _add_decoding_flags(p)
+    p.add_argument("--num-captions", type=int, default=1, help="n-best captions per image (needs beam >= n)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+
+    p = sub.add_parser("make-synthetic", help="write a synthetic scenes dataset in COCO caption format")
+    p.add_argument("out")
+    p.add_argument("--train", type=int, default=2000)
+    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> caption, on CPU in a few minutes")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--device", default="auto")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    from . import commands
+
+    try:
+        return getattr(commands, args.command.replace("-", "_"))(args) or 0
+    except CaptionerError as exc:
+        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"captioner {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

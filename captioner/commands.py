@@ -1,0 +1,100 @@
+"""What each CLI subcommand does, given its parsed arguments. Library calls plus printing, nothing more."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_model
+from .data.collate import CaptionCollate
+from .data.dataset import CaptionDataset
+from .data.factory import load_records
+from .data.images import list_images
+from .data.records import ImageRecord
+from .engine import caption_batches, evaluate as evaluate_loader
+from .errors import CaptionerError
+from .training import fit, resolve_device
+
+
+def train(args) -> int:
+    from .train_cli import config_from_args
+
+    result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
+    return 0
+
+
+def _loader(records, image_size: int, batch_size: int) -> DataLoader:
+    dataset = CaptionDataset(records, image_size, augment=None, cache_images=False, strict=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=CaptionCollate(None, 0))
+
+
+def evaluate(args) -> int:
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_model(args.checkpoint, device)
+    split = "val" if args.split == "dev" else args.split
+    records = load_records(args.dataset, split, captions=args.captions, images=args.images, root=args.root,
+                           karpathy_json=args.karpathy_json)
+    if args.limit:
+        records = records[: args.limit]
+    loader = _loader(records, cfg.data.image_size, args.batch_size)
+    metrics = evaluate_loader(model, loader, tokenizer, device, args.beam_size, args.max_len, args.length_penalty,
+                              progress=sys.stderr.isatty())
+    captions = metrics.pop("captions")
+    metrics.update(checkpoint=str(args.checkpoint), dataset=args.dataset, split=args.split,
+                   length_penalty=args.length_penalty)
+    failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
+    if failed:
+        print(f"captioner evaluate: {len(failed)} unreadable image(s) skipped", file=sys.stderr)
+    if args.results:
+        results = [{"image_id": image_id, "caption": text} for image_id, text in captions.items()]
+        Path(args.results).write_text(json.dumps(results) + "\n")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    print(json.dumps(metrics))
+    return 1 if failed else 0
+
+
+def caption(args) -> int:
+    if args.num_captions > args.beam_size:
+        raise CaptionerError(f"--num-captions {args.num_captions} needs --beam-size >= {args.num_captions}")
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_model(args.checkpoint, device)
+    try:
+        paths = list_images(args.paths)
+    except FileNotFoundError as exc:
+        raise CaptionerError(str(exc)) from None
+    if not paths:
+        raise CaptionerError(f"no images found in {' '.join(args.paths)}")
+    records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
+    loader = _loader(records, cfg.data.image_size, args.batch_size)
+    for batch, hyps in caption_batches(model, loader, tokenizer, device, args.beam_size, args.max_len,
+                                       args.length_penalty, args.num_captions):
+        for path, per_image in zip(batch.paths, hyps):
+            if args.json:
+                entries = [{"caption": text, "score": round(score, 4)} for text, score in per_image]
+                print(json.dumps({"path": path, "captions": entries}), flush=True)
+            else:
+                print(f"{path}\t{per_image[0][0]}", flush=True)
+    failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
+    if failed:
+        print(f"captioner caption: {len(failed)} of {len(paths)} image(s) could not be read", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def make_synthetic(args) -> int:
+    from .data.synthetic import make_synthetic as write
+
+    paths = write(args.out, args.train, args.val, seed=args.seed)
+    print(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=2))
+    return 0
+
+
+def demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, args.device)
+    return 0

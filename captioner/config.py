@@ -1,0 +1,99 @@
+"""Typed configuration: built once (from the CLI or a JSON file), saved in every run folder and checkpoint."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CaptionerError
+
+
+@dataclass
+class ModelConfig:
+    encoder_weights: str = "none"  # imagenet | none | PATH
+    trainable_layers: int = 1  # ResNet stages trained, from the output end: 5 all, 1 layer4 only, 0 frozen
+    bridge: str = "attention"  # attention | pool | conv
+    bridge_layers: int = 1
+    decoder: str = "transformer"
+    decoder_layers: int = 3
+    dim: int = 256
+    heads: int = 4
+    dropout: float = 0.1
+    max_len: int = 40  # tokens, bos included
+    vocab_size: int = 0  # set from the trained tokenizer
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "coco"  # coco | karpathy | flickr8k
+    train_captions: str = ""
+    train_images: str = ""
+    val_captions: str = ""
+    val_images: str = ""
+    root: str = ""
+    karpathy_json: str = ""
+    image_size: int = 128
+    augment: bool = False
+    cache_images: bool = True
+    val_limit: int = 0  # 0 = whole validation split
+    strict: bool = False
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/default"
+    epochs: int = 10
+    batch_size: int = 32
+    captions_per_image: int = 3  # captions sampled per image per step (0 = all); the decoder's cost scales with it
+    lr: float = 1e-3
+    encoder_lr: float = 0.0  # 0 = same as lr
+    weight_decay: float = 0.01
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    clip_grad: float = 1.0
+    vocab_size: int = 4000
+    seed: int = 0
+    device: str = "auto"
+    workers: int = 0
+    val_beam_size: int = 1
+    deterministic: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
+        """Strict: an unknown section or key is an error naming it (a typo must not be silently ignored)."""
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        built = {}
+        for name, value in d.items():
+            if name not in sections:
+                raise CaptionerError(f"{source}: unknown section {name!r} (expected {', '.join(sections)})")
+            known = {f.name for f in fields(sections[name])}
+            unknown = set(value) - known
+            if unknown:
+                raise CaptionerError(f"{source}: unknown key(s) {sorted(unknown)} in section {name!r}")
+            built[name] = sections[name](**value)
+        return cls(**built)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CaptionerError(f"cannot read config file {path}: {exc}") from None
+        if not isinstance(d, dict):
+            raise CaptionerError(f"config file {path}: expected a JSON object with model/data/train sections")
+        return cls.from_dict(d, source=str(path))

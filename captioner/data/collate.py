@@ -1,0 +1,70 @@
+"""Batching: images stacked, every caption of every image tokenised and right-padded.
+
+All captions of an image train against one encoder pass (`caption_image_index` maps each caption row to its
+image row). The trunk is the expensive part, so this gets five captions' worth of supervision per image for
+roughly the cost of one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ..text import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor  # (B, 3, S, S) uint8
+    tokens_in: torch.Tensor  # (C, T) bos + caption, PAD after
+    targets: torch.Tensor  # (C, T) caption + eos, PAD after
+    caption_image_index: torch.Tensor  # (C,) row of `images` each caption belongs to
+    captions: list[list[str]]  # raw references per image
+    image_ids: list[Any]
+    paths: list[str]
+    indices: list[int]  # dataset index of each image (keys of in-memory feature caches)
+    skipped: int  # items in this batch whose image could not be read
+
+    def to(self, device: torch.device) -> "Batch":
+        move = dict(device=device, non_blocking=True)
+        return Batch(self.images.to(**move), self.tokens_in.to(**move), self.targets.to(**move),
+                     self.caption_image_index.to(**move), self.captions, self.image_ids, self.paths, self.indices, self.skipped)
+
+
+class CaptionCollate:
+    """Collate function for `CaptionDataset` items (dicts, or None for an unreadable image, which is counted)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, max_len: int, captions_per_image: int = 0):
+        """max_len counts bos; captions longer than max_len - 1 tokens are truncated (eos still added).
+        captions_per_image 0 keeps all; tokenizer None skips tokenisation (evaluation batches)."""
+        self.tokenizer, self.max_len, self.captions_per_image = tokenizer, max_len, captions_per_image
+
+    def _encode(self, captions: Sequence[str]) -> list[list[int]]:
+        if self.captions_per_image:
+            picks = torch.randperm(len(captions))[: self.captions_per_image].tolist()
+            captions = [captions[i] for i in picks]
+        return [self.tokenizer.encode(c)[: self.max_len - 1] for c in captions]
+
+    def __call__(self, items: Sequence[dict | None]) -> Batch:
+        good = [it for it in items if it is not None]
+        skipped = len(items) - len(good)
+        images = torch.stack([it["image"] for it in good]) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        rows, owners = [], []
+        if self.tokenizer is not None:
+            for image_row, it in enumerate(good):
+                encoded = self._encode(it["captions"])
+                rows += encoded
+                owners += [image_row] * len(encoded)
+        length = max((len(r) for r in rows), default=0) + 1
+        tokens_in = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+        targets = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+        for i, ids in enumerate(rows):
+            tokens_in[i, 0] = BOS_ID
+            tokens_in[i, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+            targets[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+            targets[i, len(ids)] = EOS_ID
+        return Batch(images, tokens_in, targets, torch.tensor(owners, dtype=torch.long),
+                     [list(it["captions"]) for it in good], [it["image_id"] for it in good],
+                     [it["path"] for it in good], [it["index"] for it in good], skipped)

@@ -1,0 +1,101 @@
+"""ImageRecords -> training/evaluation items (uint8 image tensor + raw captions).
+
+Tokenisation is left to the collate step (it needs the SentencePiece model); this dataset only owns the
+pixels: reading, resizing, optional caching and augmentation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from ..errors import ImageReadError
+from .images import load_image
+from .records import ImageRecord
+from .transforms import TrainAugment, resize_to_tensor
+
+logger = logging.getLogger(__name__)
+
+
+class CaptionDataset(Dataset):
+    """Items: dict(image=uint8 (3, S, S), captions=list[str], image_id=..., path=str, index=i).
+
+    An unreadable image (ImageReadError) yields None instead of an item, so one bad file in 100k costs
+    one sample rather than the run; the collate function must drop the Nones. Its path is appended once to
+    `failed_paths` and logged. With `strict=True` the error is re-raised instead (for evaluation, where a
+    silently missing image would change the score). `failed_paths` only sees the process it lives in:
+    with DataLoader workers, each worker has its own copy.
+
+    `cache_images=True` keeps each resized uint8 tensor (3*S*S bytes: 150 KB at S=224) after its first
+    read, so JPEGs are decoded once per run instead of once per epoch; augmentation runs after the cache,
+    so it still differs per epoch. The cache lives in the process that reads: use num_workers=0, or
+    persistent_workers=True (otherwise workers, and their caches, are rebuilt every epoch).
+    """
+
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        image_size: int,
+        augment: TrainAugment | None = None,
+        cache_images: bool = False,
+        strict: bool = False,
+    ) -> None:
+        if image_size <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size}")
+        self.records = list(records)
+        self.image_size = image_size
+        self.augment = augment
+        self.cache_images = cache_images
+        self.strict = strict
+        self.failed_paths: list[str] = []
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        index = range(len(self.records))[index]  # IndexError out of range; -1 shares index n-1's cache slot
+        record = self.records[index]
+        image = self._image(index, record)
+        if image is None:
+            return None
+        if self.augment is not None:
+            image = self.augment(image)
+        return {
+            "image": image,
+            "captions": list(record.captions),
+            "image_id": record.image_id,
+            "path": str(record.path),
+            "index": index,
+        }
+
+    def _image(self, index: int, record: ImageRecord) -> torch.Tensor | None:
+        """The resized uint8 tensor, from the cache when enabled; None (or raise, if strict) when unreadable."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        try:
+            image = resize_to_tensor(load_image(record.path), self.image_size)
+        except ImageReadError as exc:
+            if self.strict:
+                raise
+            self._record_failure(str(record.path), exc)
+            return None
+        if self.cache_images:
+            self._cache[index] = image
+        return image
+
+    def _record_failure(self, path: str, exc: ImageReadError) -> None:
+        """Remember and log each bad path once (not once per epoch)."""
+        if path not in self.failed_paths:
+            self.failed_paths.append(path)
+            logger.warning("skipping unreadable image: %s", exc)
+
+    @property
+    def cached_bytes(self) -> int:
+        """Memory held by the image cache, for logging."""
+        return sum(t.numel() * t.element_size() for t in self._cache.values())

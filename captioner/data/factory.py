@@ -1,0 +1,34 @@
+"""Dataset flags -> records, one place for every command (train, evaluate, benchmarks)."""
+
+from __future__ import annotations
+
+from ..errors import CaptionerError
+from .coco import load_coco
+from .flickr8k import load_flickr8k
+from .karpathy import load_karpathy
+from .records import ImageRecord
+
+DATASETS = ("coco", "flickr8k", "karpathy")
+
+
+def load_records(dataset: str, split: str, *, captions: str = "", images: str = "", root: str = "",
+                 karpathy_json: str = "") -> list[ImageRecord]:
+    """`split` is train/val/test. COCO files carry one split each (the caller passes that split's files);
+    Flickr8k calls its validation split 'dev'; Karpathy files hold every split and fold restval into train."""
+    if dataset == "coco":
+        if not captions or not images:
+            raise CaptionerError(f"--dataset coco needs the {split} caption JSON and image folder")
+        records = load_coco(captions, images)
+    elif dataset == "flickr8k":
+        if not root:
+            raise CaptionerError("--dataset flickr8k needs --root (the folder holding Flickr8k_text/)")
+        records = load_flickr8k(root, "dev" if split == "val" else split)
+    elif dataset == "karpathy":
+        if not karpathy_json or not root:
+            raise CaptionerError("--dataset karpathy needs --karpathy-json and --root (the image folder)")
+        records = load_karpathy(karpathy_json, root, split)
+    else:
+        raise CaptionerError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not records:
+        raise CaptionerError(f"the {dataset} {split} split has no images with captions")
+    return records

@@ -1,0 +1,131 @@
+"""Reading image files safely: every failure becomes an ImageReadError naming the file.
+
+Real image folders contain empty files, truncated downloads, HTML error pages saved as .jpg, CMYK JPEGs,
+16-bit PNGs and phone photos whose pixels are stored sideways with an EXIF orientation tag. One bad file
+should cost one skipped sample with a clear message, not a crashed epoch or a silently sideways image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import ImageReadError
+
+MAX_IMAGE_PIXELS = 89_478_485
+"""Largest width*height we decode (PIL's default bomb limit): a tiny file can claim a huge canvas and
+exhaust memory when decoded. Read at call time, so tests and users may lower it."""
+
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open, apply EXIF orientation, convert to 8-bit RGB and fully decode the image at `path`.
+
+    Decoding happens here (not lazily at first pixel access) so a truncated file fails inside this call,
+    where the path is known. Raises ImageReadError, whose message names the path and the problem, for a
+    missing, empty, truncated or unrecognised file, and for an image larger than MAX_IMAGE_PIXELS.
+    """
+    path = Path(path)
+    _check_file(path)
+    try:
+        with path.open("rb") as handle, Image.open(handle) as img:
+            _check_pixels(path, img)
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except ImageReadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageReadError(f"cannot read image '{path}': not a recognised image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the latter under -W error
+        raise ImageReadError(f"cannot read image '{path}': decompression bomb ({exc})") from None
+    except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
+        raise ImageReadError(f"cannot read image '{path}': {_describe(exc)}") from None
+
+
+def _describe(exc: Exception) -> str:
+    """PIL words truncation several ways ("image file is truncated", "Truncated File Read", ...)."""
+    if "truncated" in str(exc).lower():
+        return f"file is truncated (an incomplete download or copy?): {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _check_file(path: Path) -> None:
+    """Give the commonest failures a plain-words message before PIL sees the file."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise ImageReadError(f"cannot read image '{path}': file not found") from None
+    except OSError as exc:
+        raise ImageReadError(f"cannot read image '{path}': {exc.strerror or exc}") from None
+    if path.is_dir():
+        raise ImageReadError(f"cannot read image '{path}': it is a folder, not a file")
+    if size == 0:
+        raise ImageReadError(f"cannot read image '{path}': file is empty (0 bytes)")
+
+
+def _check_pixels(path: Path, img: Image.Image) -> None:
+    """Refuse to decode an image whose header claims more pixels than the limit: the smaller of
+    MAX_IMAGE_PIXELS and PIL's own Image.MAX_IMAGE_PIXELS (PIL merely warns up to twice its limit)."""
+    limit = MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is None else min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS)
+    width, height = img.size
+    if width * height > limit:
+        raise ImageReadError(
+            f"cannot read image '{path}': decompression bomb ({width}x{height} = {width * height} pixels "
+            f"exceeds the limit of {limit})"
+        )
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode. Transparent pixels become white (what a viewer shows), not whatever colour
+    happens to be stored under alpha 0; 16-bit values are rescaled, since PIL's convert clips them at 255."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        img = _sixteen_to_eight_bit(img)
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _sixteen_to_eight_bit(img: Image.Image) -> Image.Image:
+    """Map 0..65535 onto 0..255 (divide by 257, rounded): the full range maps onto the full range."""
+    values = np.asarray(img).astype(np.float64)
+    eight = np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    return Image.fromarray(eight)  # a 2-D uint8 array becomes mode 'L'
+
+
+def list_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files exactly as given (whatever their extension: the user asked for them) and folders expanded
+    recursively, sorted, to their image files by extension (hidden files such as macOS '._x.jpg' skipped).
+
+    A path that does not exist raises FileNotFoundError naming it, before any work is done.
+    """
+    result: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            result.extend(_images_in(path))
+        elif path.exists():
+            result.append(path)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: '{path}'")
+    return result
+
+
+def _images_in(folder: Path) -> list[Path]:
+    found = (
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+    )
+    return sorted(found)

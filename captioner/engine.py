@@ -1,0 +1,118 @@
+"""One epoch of training and one pass of decoding-based evaluation. No argparse, no files: plain arguments."""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data.collate import Batch
+from .data.transforms import normalize
+from .decoding import Hypothesis, decode
+from .errors import CaptionerError
+from .metrics import bleu_scores
+from .text import PAD_ID, Tokenizer
+
+
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA; fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def prepare_images(images_uint8: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 3, S, S) uint8 -> normalised float on device, channels_last (faster convolutions on CPU and GPU)."""
+    images = normalize(images_uint8.to(device, non_blocking=True))
+    return images.contiguous(memory_format=torch.channels_last)
+
+
+class NonFiniteLossError(CaptionerError):
+    """Training produced a NaN/inf loss; the run stops before that state can be checkpointed."""
+
+
+def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device: torch.device, epoch: int,
+                    label_smoothing: float = 0.0, clip_grad: float = 0.0, progress: bool = True,
+                    prefix_cache=None) -> dict[str, Any]:
+    """`prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its
+    first computation; only valid when images are not augmented."""
+    model.train()
+    total_loss, total_tokens, images_seen, skipped, steps = 0.0, 0, 0, 0, 0
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
+    for batch in bar:
+        skipped += batch.skipped
+        if batch.images.shape[0] == 0:
+            continue
+        batch = batch.to(device)
+        with autocast_for(device):
+            images = prepare_images(batch.images, device)
+            prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
+            logits = model(images, batch.tokens_in, batch.caption_image_index, prefix_features=prefix)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=PAD_ID,
+                                   label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss {loss.item()} at epoch {epoch}, step {steps} (running mean "
+                f"{total_loss / max(total_tokens, 1):.4f}); stopping before it reaches a checkpoint. "
+                "Try a lower --lr or --clip-grad."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        scheduler.step()
+        n_tokens = int((batch.targets != PAD_ID).sum())
+        total_loss += loss.item() * n_tokens
+        total_tokens += n_tokens
+        images_seen += batch.images.shape[0]
+        steps += 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+    return {"train_loss": total_loss / max(total_tokens, 1), "images": images_seen, "steps": steps,
+            "skipped_images": skipped}
+
+
+@torch.inference_mode()
+def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device, beam_size: int = 1,
+                    max_len: int = 30, length_penalty: float = 0.0, num_return: int = 1,
+                    progress: bool = False, desc: str = "captioning"):
+    """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
+    model.eval()
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        if batch.images.shape[0] == 0:
+            yield batch, []
+            continue
+        with autocast_for(device):
+            memory = model.encode(prepare_images(batch.images, device))  # (B, N, D)
+            hyps: list[list[Hypothesis]] = decode(model, memory, beam_size, max_len, length_penalty, num_return)
+        yield batch, [[(tokenizer.decode(h.tokens), h.score) for h in per_image] for per_image in hyps]
+
+
+def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device, beam_size: int = 1,
+             max_len: int = 30, length_penalty: float = 0.0, progress: bool = False) -> dict[str, Any]:
+    """Decode every image (real decoding, not teacher forcing) and score BLEU-1..4 against all references."""
+    references, hypotheses, skipped = {}, {}, 0
+    for batch, hyps in caption_batches(model, loader, tokenizer, device, beam_size, max_len, length_penalty,
+                                       progress=progress, desc="evaluating"):
+        skipped += batch.skipped
+        for image_id, refs, per_image in zip(batch.image_ids, batch.captions, hyps):
+            references[image_id], hypotheses[image_id] = refs, per_image[0][0]
+    if not hypotheses:
+        raise CaptionerError("evaluation found no readable images")
+    metrics = bleu_scores(references, hypotheses)
+    return {**metrics, "num_images": len(hypotheses), "skipped_images": skipped, "beam_size": beam_size,
+            "captions": hypotheses}
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    """LambdaLR factor: linear warmup to 1, then cosine decay to 0 at `total_steps`."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return factor

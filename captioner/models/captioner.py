@@ -1,0 +1,69 @@
+"""The captioner: trunk -> bridge -> decoder, with one training signature and the decoders' step interface."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .bridges import build_bridge
+from .encoder import TRUNK_CHANNELS, ResNet18Trunk
+from .state import DecoderState
+from .transformer import TransformerDecoder
+
+DECODERS = ("transformer",)
+
+
+def build_decoder(cfg: ModelConfig) -> nn.Module:
+    if cfg.decoder == "transformer":
+        return TransformerDecoder(cfg.vocab_size, cfg.dim, cfg.decoder_layers, cfg.heads, cfg.dropout, cfg.max_len)
+    raise ValueError(f"unknown decoder {cfg.decoder!r}; choose one of {', '.join(DECODERS)}")
+
+
+class Captioner(nn.Module):
+    def __init__(self, cfg: ModelConfig, load_encoder_weights: bool = True):
+        """`load_encoder_weights=False` builds a random trunk: used when a checkpoint's weights follow anyway."""
+        super().__init__()
+        if cfg.vocab_size <= 4:
+            raise ValueError("ModelConfig.vocab_size must be set from the tokenizer before building the model")
+        self.cfg = cfg
+        weights = cfg.encoder_weights if load_encoder_weights else "none"
+        self.encoder = ResNet18Trunk(weights, cfg.trainable_layers)
+        self.bridge = build_bridge(cfg.bridge, TRUNK_CHANNELS, cfg.dim, cfg.dropout, cfg.bridge_layers, cfg.heads)
+        self.decoder = build_decoder(cfg)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) normalised -> memory tokens (B, N, D)."""
+        return self.bridge(self.encoder(images))
+
+    def forward(self, images: torch.Tensor, tokens_in: torch.Tensor,
+                caption_image_index: torch.Tensor | None = None, prefix_features: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """Teacher forcing. images (B, 3, H, W); tokens_in (C, T) starting with bos; caption_image_index (C,)
+        says which image each caption belongs to (several captions per image share one encoder pass).
+        `prefix_features` (cached output of the frozen trunk prefix) replaces `images` when given.
+        Returns logits (C, T, V)."""
+        if prefix_features is None:
+            prefix_features = self.encoder.forward_prefix(images)
+        memory = self.bridge(self.encoder.forward_suffix(prefix_features))  # (B, N, D)
+        return self.decoder(memory, tokens_in, caption_image_index=caption_image_index)
+
+    def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
+        return self.decoder.init_state(memory, memory_mask)
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        return self.decoder.step(tokens, state)
+
+    def param_groups(self, lr: float, encoder_lr: float, weight_decay: float) -> list[dict]:
+        """AdamW groups: no weight decay on norms, biases and embeddings; the trunk may get its own lr."""
+        groups = {k: [] for k in ("enc_decay", "enc_no", "dec_decay", "dec_no")}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            prefix = "enc" if name.startswith("encoder.") else "dec"
+            no_decay = p.ndim < 2 or "embed" in name or name.endswith(".pos.weight")
+            groups[f"{prefix}_{'no' if no_decay else 'decay'}"].append(p)
+        enc_lr = encoder_lr or lr
+        spec = [("enc_decay", enc_lr, weight_decay), ("enc_no", enc_lr, 0.0),
+                ("dec_decay", lr, weight_decay), ("dec_no", lr, 0.0)]
+        return [{"params": groups[k], "lr": g_lr, "weight_decay": wd} for k, g_lr, wd in spec if groups[k]]

@@ -1,0 +1,141 @@
+"""Transformer decoder (pre-norm) with a key/value cache for step-by-step decoding.
+
+Two ways in, one set of weights:
+- `forward(memory, tokens)` — teacher forcing over a whole (right-padded) sequence, for training;
+- `init_state(memory)` then `step(tokens, state)` — one token per call, for decoding. Cross-attention keys and
+  values are projected once per image in `init_state`; each step appends one self-attention key/value per
+  layer, so a step costs O(prefix) instead of re-running the decoder over the whole prefix.
+
+Padding convention: masks are True where padded. Captions are right-padded, so the causal mask alone already
+keeps every real position from attending to padding; padded positions are ignored by the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .state import DecoderState
+
+
+class Attention(nn.Module):
+    """Multi-head attention with separate query and key/value inputs (self- or cross-attention)."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"model dim {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv(x).chunk(2, dim=-1)
+        return self.split_heads(k), self.split_heads(v)  # each (B, nh, S, hd)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
+        q = self.split_heads(self.q(x))  # (B, nh, T, hd)
+        drop = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        b, _, t, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+
+
+def memory_attn_mask(memory_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, N) True=padded -> boolean SDPA mask (B, 1, 1, N) True=attend."""
+    return None if memory_mask is None else (~memory_mask)[:, None, None, :]
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, dim: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.self_attn = Attention(dim, num_heads, dropout)
+        self.cross_attn = Attention(dim, num_heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, self_kv, cross_kv, cross_mask, causal: bool) -> torch.Tensor:
+        h = self.norm1(x)
+        k, v = self_kv(h)
+        x = x + self.drop(self.self_attn.attend(h, k, v, causal=causal))
+        h = self.norm2(x)
+        x = x + self.drop(self.cross_attn.attend(h, *cross_kv, mask=cross_mask))
+        return x + self.drop(self.mlp(self.norm3(x)))
+
+
+class TransformerDecoder(nn.Module):
+    def __init__(self, vocab_size: int, dim: int = 256, num_layers: int = 3, num_heads: int = 4,
+                 dropout: float = 0.1, max_len: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(max_len, dim)
+        self.layers = nn.ModuleList(DecoderLayer(dim, num_heads, dropout) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embed.weight  # tied input/output embeddings
+        self.drop = nn.Dropout(dropout)
+        self.max_len = max_len
+        nn.init.normal_(self.embed.weight, std=dim**-0.5)
+
+    def _embed(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        t = tokens.shape[1]
+        if start + t > self.max_len:
+            raise ValueError(f"sequence of {start + t} tokens exceeds the decoder's max_len {self.max_len}")
+        positions = torch.arange(start, start + t, device=tokens.device)
+        return self.drop(self.embed(tokens) * self.embed.embedding_dim**0.5 + self.pos(positions))
+
+    def forward(self, memory: torch.Tensor, tokens: torch.Tensor, memory_mask=None,
+                caption_image_index: torch.Tensor | None = None) -> torch.Tensor:
+        """memory (B, N, D), tokens (C, T) starting with bos -> logits (C, T, V).
+
+        caption_image_index (C,) maps each caption to its memory row (C = B when None); cross-attention keys
+        and values are projected once per image and then shared by that image's captions."""
+        cross_mask = memory_attn_mask(memory_mask)
+        if cross_mask is not None and caption_image_index is not None:
+            cross_mask = cross_mask.index_select(0, caption_image_index)  # (C, 1, 1, N)
+        x = self._embed(tokens, 0)  # (C, T, D)
+        for layer in self.layers:
+            k, v = layer.cross_attn.keys_values(memory)  # (B, nh, N, hd)
+            if caption_image_index is not None:
+                k, v = k.index_select(0, caption_image_index), v.index_select(0, caption_image_index)
+            x = layer(x, layer.self_attn.keys_values, (k, v), cross_mask, causal=True)
+        return self.head(self.norm(x))
+
+    # --- step interface -------------------------------------------------------------------------------------
+    def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
+        """Project cross-attention keys/values once; empty self-attention caches."""
+        state = DecoderState(position=0)
+        cross_mask = memory_attn_mask(memory_mask)
+        if cross_mask is not None:
+            state.tensors["cross_mask"] = cross_mask
+        for i, layer in enumerate(self.layers):
+            k, v = layer.cross_attn.keys_values(memory)  # (B, nh, N, hd)
+            state.tensors[f"cross_k{i}"], state.tensors[f"cross_v{i}"] = k, v
+            empty = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3])
+            state.tensors[f"self_k{i}"], state.tensors[f"self_v{i}"] = empty, empty
+        return state
+
+    def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
+        """tokens (B,) -> log-probabilities (B, V) of the next token; appends to the cache."""
+        x = self._embed(tokens[:, None], state.position)  # (B, 1, D)
+        t = state.tensors
+        for i, layer in enumerate(self.layers):
+            def cached_kv(h, i=i):
+                k, v = layer.self_attn.keys_values(h)  # (B, nh, 1, hd)
+                t[f"self_k{i}"] = torch.cat([t[f"self_k{i}"], k], dim=2)
+                t[f"self_v{i}"] = torch.cat([t[f"self_v{i}"], v], dim=2)
+                return t[f"self_k{i}"], t[f"self_v{i}"]
+
+            cross = (t[f"cross_k{i}"], t[f"cross_v{i}"])
+            x = layer(x, cached_kv, cross, t.get("cross_mask"), causal=False)  # one query sees the whole prefix
+        state.position += 1
+        logits = self.head(self.norm(x[:, 0]))  # (B, V)
+        return F.log_softmax(logits.float(), dim=-1), state

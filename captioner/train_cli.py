@@ -1,0 +1,77 @@
+"""`captioner train` flags <-> RunConfig. Precedence: built-in defaults < --config FILE < flags given."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import RunConfig
+
+# flag -> (config section, key, type or "bool"), one line per flag; argparse default is SUPPRESS, so only flags
+# the user actually typed override the config file.
+TRAIN_FLAGS = {
+    "--dataset": ("data", "dataset", str),
+    "--train-captions": ("data", "train_captions", str),
+    "--train-images": ("data", "train_images", str),
+    "--val-captions": ("data", "val_captions", str),
+    "--val-images": ("data", "val_images", str),
+    "--root": ("data", "root", str),
+    "--karpathy-json": ("data", "karpathy_json", str),
+    "--image-size": ("data", "image_size", int),
+    "--augment": ("data", "augment", "bool"),
+    "--cache-images": ("data", "cache_images", "bool"),
+    "--val-limit": ("data", "val_limit", int),
+    "--strict": ("data", "strict", "bool"),
+    "--encoder-weights": ("model", "encoder_weights", str),
+    "--trainable-layers": ("model", "trainable_layers", int),
+    "--bridge": ("model", "bridge", str),
+    "--bridge-layers": ("model", "bridge_layers", int),
+    "--decoder": ("model", "decoder", str),
+    "--decoder-layers": ("model", "decoder_layers", int),
+    "--dim": ("model", "dim", int),
+    "--heads": ("model", "heads", int),
+    "--dropout": ("model", "dropout", float),
+    "--max-len": ("model", "max_len", int),
+    "--out": ("train", "out", str),
+    "--epochs": ("train", "epochs", int),
+    "--batch-size": ("train", "batch_size", int),
+    "--captions-per-image": ("train", "captions_per_image", int),
+    "--lr": ("train", "lr", float),
+    "--encoder-lr": ("train", "encoder_lr", float),
+    "--weight-decay": ("train", "weight_decay", float),
+    "--warmup-epochs": ("train", "warmup_epochs", float),
+    "--label-smoothing": ("train", "label_smoothing", float),
+    "--clip-grad": ("train", "clip_grad", float),
+    "--vocab-size": ("train", "vocab_size", int),
+    "--seed": ("train", "seed", int),
+    "--device": ("train", "device", str),
+    "--workers": ("train", "workers", int),
+    "--val-beam-size": ("train", "val_beam_size", int),
+    "--deterministic": ("train", "deterministic", "bool"),
+}
+
+CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
+           "--decoder": ("transformer",)}
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    defaults = RunConfig().to_dict()
+    p.add_argument("--config", help="JSON file with model/data/train sections (flags given here override it)")
+    p.add_argument("--resume", help="continue from a checkpoint (e.g. RUN/last.pt)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    for flag, (section, key, kind) in TRAIN_FLAGS.items():
+        default = defaults[section][key]
+        help_text = f"{section}.{key} (default: {default})"
+        if kind == "bool":
+            p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+        else:
+            p.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(flag),
+                           help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig.load(args.config) if args.config else RunConfig()
+    for section, key, _ in TRAIN_FLAGS.values():
+        if hasattr(args, key):
+            setattr(getattr(cfg, section), key, getattr(args, key))
+    return cfg

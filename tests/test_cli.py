@@ -1,0 +1,99 @@
+"""End to end through the command line on a tiny synthetic dataset: train -> caption -> evaluate."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from captioner.cli import main
+
+TINY = ["--image-size", "64", "--dim", "32", "--heads", "4", "--decoder-layers", "1", "--batch-size", "16",
+        "--device", "cpu", "--no-progress", "--vocab-size", "200"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    d = synthetic_dataset
+    code = main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions),
+                 "--train-images", str(d.train_images), "--val-captions", str(d.val_captions),
+                 "--val-images", str(d.val_images), "--out", str(out), "--epochs", "2", *TINY])
+    assert code == 0
+    return out
+
+
+def test_train_writes_run_folder(trained_run):
+    for name in ("last.pt", "best.pt", "config.json", "log.jsonl"):
+        assert (trained_run / name).is_file(), name
+    lines = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert all(0.0 <= line["val_Bleu_4"] <= 1.0 and line["val_num_images"] == 8 for line in lines)
+    config = json.loads((trained_run / "config.json").read_text())
+    assert config["data"]["image_size"] == 64 and config["model"]["vocab_size"] > 4
+
+
+def test_resume_continues_from_last_epoch(trained_run, synthetic_dataset):
+    code = main(["train", "--resume", str(trained_run / "last.pt"), "--out", str(trained_run), "--epochs", "3",
+                 "--no-progress"])
+    assert code == 0
+    lines = [json.loads(line) for line in (trained_run / "log.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+
+
+def test_caption_folder_reports_bad_images_and_goes_on(trained_run, synthetic_dataset, tmp_path):
+    good = sorted(synthetic_dataset.val_images.iterdir())[:3]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in good:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    # A real process, so stdout/stderr and the exit status are exactly what a user sees.
+    proc = subprocess.run([sys.executable, "-m", "captioner.cli", "caption", "--checkpoint",
+                           str(trained_run / "best.pt"), str(folder), "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300)
+    out, err, code = proc.stdout, proc.stderr, proc.returncode
+    assert code == 1
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all("\t" in line and line.split("\t")[1] for line in lines)
+    assert "broken.jpg" in err and "Traceback" not in err
+
+
+def test_caption_json_n_best(trained_run, synthetic_dataset, capsys):
+    image = sorted(synthetic_dataset.val_images.iterdir())[0]
+    code = main(["caption", "--checkpoint", str(trained_run / "best.pt"), str(image), "--beam-size", "3",
+                 "--num-captions", "2", "--json", "--device", "cpu"])
+    assert code == 0
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["path"] == str(image)
+    scores = [c["score"] for c in entry["captions"]]
+    assert len(scores) == 2 and scores[0] >= scores[1]
+
+
+def test_evaluate_writes_metrics_and_coco_results(trained_run, synthetic_dataset, tmp_path):
+    metrics_path, results_path = tmp_path / "m.json", tmp_path / "r.json"
+    code = main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--dataset", "coco",
+                 "--captions", str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images),
+                 "--beam-size", "3", "--out", str(metrics_path), "--results", str(results_path), "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "num_images", "beam_size"} <= set(metrics)
+    assert metrics["num_images"] == 8 and metrics["beam_size"] == 3
+    results = json.loads(results_path.read_text())
+    assert len(results) == 8 and all(isinstance(r["image_id"], int) and isinstance(r["caption"], str)
+                                     for r in results)
+
+
+def test_malformed_annotation_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "captions.json"
+    bad.write_text('{"images": [')
+    code = main(["train", "--dataset", "coco", "--train-captions", str(bad), "--train-images", str(tmp_path),
+                 "--val-captions", str(bad), "--val-images", str(tmp_path), "--out", str(tmp_path / "run"), *TINY])
+    err = capsys.readouterr().err
+    assert code == 2 and "captions.json" in err and "Traceback" not in err
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    code = main(["caption", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "none.pt" in err

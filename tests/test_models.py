@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from captioner.models.bridges import BRIDGES, sincos_2d_positions
+from conftest import tiny_model
+
+
+@pytest.mark.parametrize("bridge", BRIDGES)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_shapes_for_each_bridge(bridge, batch):
+    model = tiny_model(bridge=bridge)
+    images = torch.randn(batch, 3, 64, 64)
+    memory = model.encode(images)
+    assert memory.shape[0] == batch and memory.shape[2] == 32 and memory.shape[1] >= 4
+    tokens = torch.randint(4, 40, (batch, 7))
+    logits = model(images, tokens)
+    assert logits.shape == (batch, 7, 40)
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("bridge", BRIDGES)
+def test_several_captions_share_one_image_pass(bridge):
+    model = tiny_model(bridge=bridge)
+    images = torch.randn(2, 3, 64, 64)
+    tokens = torch.randint(4, 40, (5, 6))
+    index = torch.tensor([0, 0, 1, 1, 1])
+    logits = model(images, tokens, index)
+    one_by_one = torch.cat([model(images[i : i + 1], tokens[j : j + 1]) for j, i in enumerate(index.tolist())])
+    torch.testing.assert_close(logits, one_by_one, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bridge", BRIDGES)
+@pytest.mark.parametrize("trainable_layers", [5, 1])
+def test_gradients_reach_every_trainable_parameter(bridge, trainable_layers):
+    model = tiny_model(bridge=bridge, trainable_layers=trainable_layers).train()
+    images = torch.randn(2, 3, 64, 64)
+    tokens = torch.randint(4, 40, (2, 6))
+    model(images, tokens).logsumexp(-1).mean().backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "model has no trainable parameters"
+    no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not no_grad, f"no gradient for {no_grad}"
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert all(n.startswith("encoder.prefix") for n in frozen)
+    assert (len(frozen) > 0) == (trainable_layers < 5)
+
+
+def test_frozen_prefix_keeps_its_batchnorm_statistics_in_train_mode():
+    model = tiny_model(trainable_layers=1).train()
+    before = {k: v.clone() for k, v in model.encoder.prefix.state_dict().items()}
+    model(torch.randn(2, 3, 64, 64), torch.randint(4, 40, (2, 5)))
+    after = model.encoder.prefix.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_calibration_measures_prefix_statistics():
+    model = tiny_model(trainable_layers=1)
+    batches = [torch.randn(4, 3, 64, 64) * 3 + 1 for _ in range(2)]
+    model.encoder.calibrate_prefix(batches)
+    bn1 = model.encoder.prefix[0][1]
+    assert not torch.allclose(bn1.running_var, torch.ones_like(bn1.running_var))
+    assert not model.encoder.prefix.training
+
+
+def test_positions_distinguish_every_cell():
+    codes = sincos_2d_positions(4, 5, 32)
+    assert codes.shape == (20, 32)
+    assert torch.cdist(codes, codes).add(torch.eye(20) * 10).min() > 1e-3
