@@ -13,15 +13,16 @@ from .errors import CaptionerError
 @dataclass
 class ModelConfig:
     encoder_weights: str = "none"  # imagenet | none | PATH
-    trainable_layers: int = 1  # ResNet stages trained, from the output end: 5 all, 1 layer4 only, 0 frozen
+    trainable_layers: int = 2  # ResNet stages trained, from the output end: 5 all, 1 layer4 only, 0 frozen
     bridge: str = "attention"  # attention | pool | conv
     bridge_layers: int = 1
     decoder: str = "transformer"
-    decoder_layers: int = 3
+    decoder_layers: int = 2
     dim: int = 256
     heads: int = 4
     dropout: float = 0.1
     max_len: int = 40  # tokens, bos included
+    bow_weight: float = 0.2  # weight of the auxiliary bag-of-words loss (0 = no head)
     vocab_size: int = 0  # set from the trained tokenizer
 
 
@@ -45,8 +46,8 @@ class DataConfig:
 class TrainConfig:
     out: str = "runs/default"
     epochs: int = 10
-    batch_size: int = 32
-    captions_per_image: int = 3  # captions sampled per image per step (0 = all); the decoder's cost scales with it
+    batch_size: int = 16
+    captions_per_image: int = 2  # captions sampled per image per step (0 = all); the decoder's cost scales with it
     lr: float = 1e-3
     encoder_lr: float = 0.0  # 0 = same as lr
     weight_decay: float = 0.01

@@ -31,6 +31,12 @@ def prepare_images(images_uint8: torch.Tensor, device: torch.device) -> torch.Te
     return images.contiguous(memory_format=torch.channels_last)
 
 
+def bag_of_words_loss(bow_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Multi-label BCE summed over the vocabulary, averaged over images: (B, V) logits vs (B, V) 0/1 targets."""
+    bce = F.binary_cross_entropy_with_logits(bow_logits.float(), targets, reduction="sum")
+    return bce / bow_logits.shape[0]
+
+
 class NonFiniteLossError(CaptionerError):
     """Training produced a NaN/inf loss; the run stops before that state can be checkpointed."""
 
@@ -42,7 +48,7 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     first computation; only valid when images are not augmented."""
     model.train()
     total_loss, total_tokens, images_seen, skipped, steps = 0.0, 0, 0, 0, 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
         skipped += batch.skipped
         if batch.images.shape[0] == 0:
@@ -51,9 +57,11 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
         with autocast_for(device):
             images = prepare_images(batch.images, device)
             prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
-            logits = model(images, batch.tokens_in, batch.caption_image_index, prefix_features=prefix)
+            logits, bow_logits = model.forward_train(images, batch.tokens_in, batch.caption_image_index, prefix)
             loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=PAD_ID,
                                    label_smoothing=label_smoothing)
+            if bow_logits is not None:
+                loss = loss + model.cfg.bow_weight * bag_of_words_loss(bow_logits, batch.bow_targets)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss {loss.item()} at epoch {epoch}, step {steps} (running mean "
@@ -82,7 +90,7 @@ def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device
                     progress: bool = False, desc: str = "captioning"):
     """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
     model.eval()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True):
         if batch.images.shape[0] == 0:
             yield batch, []
             continue

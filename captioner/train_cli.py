@@ -31,6 +31,7 @@ TRAIN_FLAGS = {
     "--heads": ("model", "heads", int),
     "--dropout": ("model", "dropout", float),
     "--max-len": ("model", "max_len", int),
+    "--bow-weight": ("model", "bow_weight", float),
     "--out": ("train", "out", str),
     "--epochs": ("train", "epochs", int),
     "--batch-size": ("train", "batch_size", int),

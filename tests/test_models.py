@@ -30,12 +30,16 @@ def test_several_captions_share_one_image_pass(bridge):
 
 
 @pytest.mark.parametrize("bridge", BRIDGES)
-@pytest.mark.parametrize("trainable_layers", [5, 1])
-def test_gradients_reach_every_trainable_parameter(bridge, trainable_layers):
-    model = tiny_model(bridge=bridge, trainable_layers=trainable_layers).train()
+@pytest.mark.parametrize("trainable_layers,bow_weight", [(5, 0.0), (1, 0.0), (2, 0.5)])
+def test_gradients_reach_every_trainable_parameter(bridge, trainable_layers, bow_weight):
+    model = tiny_model(bridge=bridge, trainable_layers=trainable_layers, bow_weight=bow_weight).train()
     images = torch.randn(2, 3, 64, 64)
     tokens = torch.randint(4, 40, (2, 6))
-    model(images, tokens).logsumexp(-1).mean().backward()
+    logits, bow_logits = model.forward_train(images, tokens)
+    loss = logits.logsumexp(-1).mean()
+    if bow_weight:
+        loss = loss + bow_logits.logsumexp(-1).mean()
+    loss.backward()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "model has no trainable parameters"
     no_grad = [n for n, p in trainable.items() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -25,12 +25,14 @@ class Batch:
     image_ids: list[Any]
     paths: list[str]
     indices: list[int]  # dataset index of each image (keys of in-memory feature caches)
-    skipped: int  # items in this batch whose image could not be read
+    skipped: int
+    bow_targets: torch.Tensor | None = None  # (B, V) 1.0 where the token occurs in any caption of the image  # items in this batch whose image could not be read
 
     def to(self, device: torch.device) -> "Batch":
         move = dict(device=device, non_blocking=True)
         return Batch(self.images.to(**move), self.tokens_in.to(**move), self.targets.to(**move),
-                     self.caption_image_index.to(**move), self.captions, self.image_ids, self.paths, self.indices, self.skipped)
+                     self.caption_image_index.to(**move), self.captions, self.image_ids, self.paths, self.indices, self.skipped,
+                     None if self.bow_targets is None else self.bow_targets.to(**move))
 
 
 class CaptionCollate:
@@ -51,9 +53,12 @@ class CaptionCollate:
         good = [it for it in items if it is not None]
         skipped = len(items) - len(good)
         images = torch.stack([it["image"] for it in good]) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
-        rows, owners = [], []
+        rows, owners, bow = [], [], None
         if self.tokenizer is not None:
+            bow = torch.zeros(len(good), self.tokenizer.vocab_size)
             for image_row, it in enumerate(good):
+                for caption in it["captions"]:
+                    bow[image_row, self.tokenizer.encode(caption)] = 1.0
                 encoded = self._encode(it["captions"])
                 rows += encoded
                 owners += [image_row] * len(encoded)
@@ -67,4 +72,4 @@ class CaptionCollate:
             targets[i, len(ids)] = EOS_ID
         return Batch(images, tokens_in, targets, torch.tensor(owners, dtype=torch.long),
                      [list(it["captions"]) for it in good], [it["image_id"] for it in good],
-                     [it["path"] for it in good], [it["index"] for it in good], skipped)
+                     [it["path"] for it in good], [it["index"] for it in good], skipped, bow)

@@ -31,22 +31,32 @@ class Captioner(nn.Module):
         self.encoder = ResNet18Trunk(weights, cfg.trainable_layers)
         self.bridge = build_bridge(cfg.bridge, TRUNK_CHANNELS, cfg.dim, cfg.dropout, cfg.bridge_layers, cfg.heads)
         self.decoder = build_decoder(cfg)
+        # Auxiliary bag-of-words head: predicts which tokens occur in the image's captions from the pooled memory.
+        # It gives the trunk a direct, dense signal for every attribute word; unused at decoding time.
+        self.bow_head = nn.Linear(cfg.dim, cfg.vocab_size) if cfg.bow_weight > 0 else None
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) normalised -> memory tokens (B, N, D)."""
         return self.bridge(self.encoder(images))
 
     def forward(self, images: torch.Tensor, tokens_in: torch.Tensor,
-                caption_image_index: torch.Tensor | None = None, prefix_features: torch.Tensor | None = None
-                ) -> torch.Tensor:
+                caption_image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher forcing. images (B, 3, H, W); tokens_in (C, T) starting with bos; caption_image_index (C,)
         says which image each caption belongs to (several captions per image share one encoder pass).
-        `prefix_features` (cached output of the frozen trunk prefix) replaces `images` when given.
         Returns logits (C, T, V)."""
+        return self.forward_train(images, tokens_in, caption_image_index)[0]
+
+    def forward_train(self, images: torch.Tensor | None, tokens_in: torch.Tensor,
+                      caption_image_index: torch.Tensor | None = None,
+                      prefix_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As forward, plus the bag-of-words logits (B, V) (None without the head). `prefix_features`, the
+        cached output of the frozen trunk prefix, replaces `images` when given."""
         if prefix_features is None:
             prefix_features = self.encoder.forward_prefix(images)
         memory = self.bridge(self.encoder.forward_suffix(prefix_features))  # (B, N, D)
-        return self.decoder(memory, tokens_in, caption_image_index=caption_image_index)
+        logits = self.decoder(memory, tokens_in, caption_image_index=caption_image_index)  # (C, T, V)
+        bow_logits = None if self.bow_head is None else self.bow_head(memory.mean(dim=1))  # (B, V)
+        return logits, bow_logits
 
     def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
         return self.decoder.init_state(memory, memory_mask)
