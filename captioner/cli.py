@@ -21,7 +21,7 @@ def _add_dataset_flags(p: argparse.ArgumentParser, default_split: str | None) ->
     g.add_argument("--root", default="", help="flickr8k: folder holding Flickr8k_text/; karpathy: image root")
     g.add_argument("--karpathy-json", default="")
     g.add_argument("--split", default=default_split, choices=("train", "val", "dev", "test"),
-                   help="flickr8k/karpathy split (default: %(default)s)")
+                   help="flickr8k/karpathy split (default: %(default)s; coco files hold one split each)")
     g.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
 
 

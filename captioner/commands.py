@@ -44,8 +44,8 @@ def evaluate(args) -> int:
     metrics = evaluate_loader(model, loader, tokenizer, device, args.beam_size, args.max_len, args.length_penalty,
                               progress=sys.stderr.isatty())
     captions = metrics.pop("captions")
-    metrics.update(checkpoint=str(args.checkpoint), dataset=args.dataset, split=args.split,
-                   length_penalty=args.length_penalty)
+    metrics.update(checkpoint=str(args.checkpoint), dataset=args.dataset,
+                   split=args.captions if args.dataset == "coco" else args.split, length_penalty=args.length_penalty)
     failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
     if failed:
         print(f"captioner evaluate: {len(failed)} unreadable image(s) skipped", file=sys.stderr)
