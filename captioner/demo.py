@@ -17,7 +17,7 @@ from .data.synthetic import make_synthetic
 from .engine import caption_batches, evaluate
 from .training import fit, resolve_device
 
-DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_EPOCHS = 1200, 100, 8
+DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_EPOCHS = 1200, 100, 7
 
 
 def run_demo(out: str | Path, device: str = "auto", progress: bool = True) -> dict:

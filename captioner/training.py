@@ -85,7 +85,8 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
     payload = load_checkpoint(resume) if resume else None
     if payload is not None:
         saved = RunConfig.from_dict(payload["config"], source=f"checkpoint {resume}")
-        saved.train.epochs, saved.train.out = cfg.train.epochs, cfg.train.out
+        # What a resume may change: how long, where to write, which device.
+        saved.train.epochs, saved.train.out, saved.train.device = cfg.train.epochs, cfg.train.out, cfg.train.device
         cfg = saved
     out = Path(cfg.train.out)
     out.mkdir(parents=True, exist_ok=True)
