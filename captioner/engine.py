@@ -47,7 +47,7 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     """`prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its
     first computation; only valid when images are not augmented."""
     model.train()
-    total_loss, total_tokens, images_seen, skipped, steps = 0.0, 0, 0, 0, 0
+    total_loss, total_bow, total_tokens, images_seen, skipped, steps = 0.0, 0.0, 0, 0, 0, 0
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
         skipped += batch.skipped
@@ -58,13 +58,16 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
             images = prepare_images(batch.images, device)
             prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
             logits, bow_logits = model.forward_train(images, batch.tokens_in, batch.caption_image_index, prefix)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(), ignore_index=PAD_ID,
-                                   label_smoothing=label_smoothing)
+            caption_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
+                                           ignore_index=PAD_ID, label_smoothing=label_smoothing)
+            bow_loss = torch.zeros((), device=device)
             if bow_logits is not None:
-                loss = loss + model.cfg.bow_weight * bag_of_words_loss(bow_logits, batch.bow_targets)
+                bow_loss = bag_of_words_loss(bow_logits, batch.bow_targets)
+            loss = caption_loss + model.cfg.bow_weight * bow_loss
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite loss {loss.item()} at epoch {epoch}, step {steps} (running mean "
+                f"non-finite loss at epoch {epoch}, step {steps}: caption {caption_loss.item()}, "
+                f"bag-of-words {bow_loss.item()} (running caption loss "
                 f"{total_loss / max(total_tokens, 1):.4f}); stopping before it reaches a checkpoint. "
                 "Try a lower --lr or --clip-grad."
             )
@@ -75,13 +78,15 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
         optimizer.step()
         scheduler.step()
         n_tokens = int((batch.targets != PAD_ID).sum())
-        total_loss += loss.item() * n_tokens
+        step_caption_loss = caption_loss.item()
+        total_loss += step_caption_loss * n_tokens
+        total_bow += bow_loss.item() * batch.images.shape[0]
         total_tokens += n_tokens
         images_seen += batch.images.shape[0]
         steps += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-    return {"train_loss": total_loss / max(total_tokens, 1), "images": images_seen, "steps": steps,
-            "skipped_images": skipped}
+        bar.set_postfix(loss=f"{step_caption_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+    return {"train_loss": total_loss / max(total_tokens, 1), "train_bow_loss": total_bow / max(images_seen, 1),
+            "images": images_seen, "steps": steps, "skipped_images": skipped}
 
 
 @torch.inference_mode()
