@@ -27,7 +27,8 @@ def train(args) -> int:
     return 0
 
 
-def _loader(records, image_size: int, batch_size: int) -> DataLoader:
+def evaluation_loader(records, image_size: int, batch_size: int) -> DataLoader:
+    """Images in order, no augmentation or caching, unreadable ones skipped and recorded (`dataset.failed_paths`)."""
     dataset = CaptionDataset(records, image_size, augment=None, cache_images=False, strict=False)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=CaptionCollate(None, 0))
 
@@ -40,7 +41,7 @@ def evaluate(args) -> int:
                            karpathy_json=args.karpathy_json)
     if args.limit:
         records = records[: args.limit]
-    loader = _loader(records, cfg.data.image_size, args.batch_size)
+    loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
     metrics = evaluate_loader(model, loader, tokenizer, device, args.beam_size, args.max_len, args.length_penalty,
                               progress=sys.stderr.isatty())
     captions = metrics.pop("captions")
@@ -70,7 +71,7 @@ def caption(args) -> int:
     if not paths:
         raise CaptionerError(f"no images found in {' '.join(args.paths)}")
     records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
-    loader = _loader(records, cfg.data.image_size, args.batch_size)
+    loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
     for batch, hyps in caption_batches(model, loader, tokenizer, device, args.beam_size, args.max_len,
                                        args.length_penalty, args.num_captions):
         for path, per_image in zip(batch.paths, hyps):

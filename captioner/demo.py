@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import load_model
+from .commands import evaluation_loader  # the same loader `captioner evaluate` uses
 from .config import RunConfig
 from .data.coco import load_coco
 from .data.synthetic import make_synthetic
@@ -36,16 +37,14 @@ def run_demo(out: str | Path, device: str = "auto", progress: bool = True) -> di
     checkpoint = out / "run" / "best.pt"
     torch_device = resolve_device(device)
     model, tokenizer, saved = load_model(checkpoint, torch_device)
-    from .commands import _loader  # the same loader `captioner evaluate` uses
-
-    loader = _loader(load_coco(data.val_captions, data.val_images), saved.data.image_size, batch_size=32)
+    val_records = load_coco(data.val_captions, data.val_images)
+    loader = evaluation_loader(val_records, saved.data.image_size, batch_size=32)
     metrics = evaluate(model, loader, tokenizer, torch_device, beam_size=3, max_len=30)
-    captions = metrics.pop("captions")
+    metrics.pop("captions")
     print("[demo] held-out BLEU (beam 3): " + json.dumps({k: round(v, 4) for k, v in metrics.items()
                                                          if k.startswith("Bleu")}), flush=True)
-    records = load_coco(data.val_captions, data.val_images)[:4]
-    for batch, hyps in caption_batches(model, _loader(records, saved.data.image_size, 4), tokenizer, torch_device,
-                                       beam_size=3):
+    examples = evaluation_loader(val_records[:4], saved.data.image_size, batch_size=4)
+    for batch, hyps in caption_batches(model, examples, tokenizer, torch_device, beam_size=3):
         for path, refs, per_image in zip(batch.paths, batch.captions, hyps):
             print(f"[demo] {Path(path).name}\n    model:     {per_image[0][0]}\n    reference: {refs[0]}")
     metrics["seconds"] = round(time.time() - started, 1)

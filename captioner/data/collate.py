@@ -43,11 +43,12 @@ class CaptionCollate:
         captions_per_image 0 keeps all; tokenizer None skips tokenisation (evaluation batches)."""
         self.tokenizer, self.max_len, self.captions_per_image = tokenizer, max_len, captions_per_image
 
-    def _encode(self, captions: Sequence[str]) -> list[list[int]]:
+    def _sample(self, encoded: list[list[int]]) -> list[list[int]]:
+        """The captions this step trains on: all, or `captions_per_image` drawn without replacement."""
         if self.captions_per_image:
-            picks = torch.randperm(len(captions))[: self.captions_per_image].tolist()
-            captions = [captions[i] for i in picks]
-        return [self.tokenizer.encode(c)[: self.max_len - 1] for c in captions]
+            picks = torch.randperm(len(encoded))[: self.captions_per_image].tolist()
+            encoded = [encoded[i] for i in picks]
+        return [ids[: self.max_len - 1] for ids in encoded]
 
     def __call__(self, items: Sequence[dict | None]) -> Batch:
         good = [it for it in items if it is not None]
@@ -57,11 +58,12 @@ class CaptionCollate:
         if self.tokenizer is not None:
             bow = torch.zeros(len(good), self.tokenizer.vocab_size)
             for image_row, it in enumerate(good):
-                for caption in it["captions"]:
-                    bow[image_row, self.tokenizer.encode(caption)] = 1.0
-                encoded = self._encode(it["captions"])
-                rows += encoded
-                owners += [image_row] * len(encoded)
+                encoded = [self.tokenizer.encode(c) for c in it["captions"]]
+                for ids in encoded:
+                    bow[image_row, ids] = 1.0
+                chosen = self._sample(encoded)
+                rows += chosen
+                owners += [image_row] * len(chosen)
         length = max((len(r) for r in rows), default=0) + 1
         tokens_in = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
         targets = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
