@@ -6,12 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-from torch.utils.data import DataLoader
 
 from .checkpoint import load_model
-from .data.collate import CaptionCollate
-from .data.dataset import CaptionDataset
-from .data.factory import load_records
+from .data.factory import evaluation_loader, load_records
 from .data.images import list_images
 from .data.records import ImageRecord
 from .engine import caption_batches, evaluate as evaluate_loader
@@ -25,12 +22,6 @@ def train(args) -> int:
     result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress)
     print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
     return 0
-
-
-def evaluation_loader(records, image_size: int, batch_size: int) -> DataLoader:
-    """Images in order, no augmentation or caching, unreadable ones skipped and recorded (`dataset.failed_paths`)."""
-    dataset = CaptionDataset(records, image_size, augment=None, cache_images=False, strict=False)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=CaptionCollate(None, 0))
 
 
 def evaluate(args) -> int:

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 from .checkpoint import load_model
-from .commands import evaluation_loader  # the same loader `captioner evaluate` uses
 from .config import RunConfig
 from .data.coco import load_coco
+from .data.factory import evaluation_loader  # the loader `captioner evaluate` uses
 from .data.synthetic import make_synthetic
 from .engine import caption_batches, evaluate
 from .training import fit, resolve_device

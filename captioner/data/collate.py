@@ -25,8 +25,8 @@ class Batch:
     image_ids: list[Any]
     paths: list[str]
     indices: list[int]  # dataset index of each image (keys of in-memory feature caches)
-    skipped: int
-    bow_targets: torch.Tensor | None = None  # (B, V) 1.0 where the token occurs in any caption of the image  # items in this batch whose image could not be read
+    skipped: int  # items in this batch whose image could not be read
+    bow_targets: torch.Tensor | None = None  # (B, V) 1.0 where the token occurs in any caption of the image
 
     def to(self, device: torch.device) -> "Batch":
         move = dict(device=device, non_blocking=True)

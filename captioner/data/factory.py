@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from torch.utils.data import DataLoader
+
 from ..errors import CaptionerError
+from .collate import CaptionCollate
+from .dataset import CaptionDataset
 from .coco import load_coco
 from .flickr8k import load_flickr8k
 from .karpathy import load_karpathy
@@ -32,3 +36,10 @@ def load_records(dataset: str, split: str, *, captions: str = "", images: str = 
     if not records:
         raise CaptionerError(f"the {dataset} {split} split has no images with captions")
     return records
+
+
+def evaluation_loader(records, image_size: int, batch_size: int) -> DataLoader:
+    """Images in order, no augmentation or caching, unreadable ones skipped and recorded (`dataset.failed_paths`).
+    What `caption`, `evaluate` and the demo decode from."""
+    dataset = CaptionDataset(records, image_size, augment=None, cache_images=False, strict=False)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=CaptionCollate(None, 0))
