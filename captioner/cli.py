@@ -29,7 +29,19 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
     g.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for ranking beams (0 = raw)")
+    g.add_argument("--length-norm", choices=("gnmt", "average"), default="gnmt",
+                   help="rank finished captions by GNMT penalty (with --length-penalty) or mean log-prob per token")
     g.add_argument("--max-len", type=int, default=30, help="maximum caption length in tokens")
+    g.add_argument("--min-len", type=int, default=1, help="no end of caption before this many tokens")
+    g.add_argument("--num-captions", type=int, default=1,
+                   help="n-best captions per image (beam search needs --beam-size >= N; with --sample, N samples). "
+                        "evaluate scores the best of them")
+    g.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
+    g.add_argument("--sample", action="store_true", help="sample instead of searching (with --beam-size 1)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed and batch size, same captions)")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
@@ -54,7 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     _add_decoding_flags(p)
-    p.add_argument("--num-captions", type=int, default=1, help="n-best captions per image (needs beam >= n)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
 
     p = sub.add_parser("make-synthetic", help="write a synthetic scenes dataset in COCO caption format")
@@ -62,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("benchmark", help="speed benchmarks that print JSON")
+    kinds = p.add_subparsers(dest="benchmark", required=True, metavar="KIND")
+    from .benchmarks.decode import add_arguments as add_decode_benchmark_arguments
+
+    add_decode_benchmark_arguments(kinds.add_parser("decode", help="captions/s: batched, cached search vs naive"))
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> caption, on CPU in a few minutes")
     p.add_argument("--out", default="runs/demo")

@@ -11,9 +11,21 @@ from .checkpoint import load_model
 from .data.factory import evaluation_loader, load_records
 from .data.images import list_images
 from .data.records import ImageRecord
+from .decoding import DecodeOptions
 from .engine import caption_batches, evaluate as evaluate_loader
 from .errors import CaptionerError
 from .training import fit, resolve_device
+
+
+def decode_options(args) -> DecodeOptions:
+    """The decoding flags of `caption`/`evaluate` as DecodeOptions; a bad combination is a usage error."""
+    try:
+        return DecodeOptions(beam_size=args.beam_size, max_len=args.max_len, min_len=args.min_len,
+                             length_penalty=args.length_penalty, length_norm=args.length_norm,
+                             num_return=args.num_captions, no_repeat_ngram=args.no_repeat_ngram, sample=args.sample,
+                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        raise CaptionerError(f"decoding flags: {exc}") from None
 
 
 def train(args) -> int:
@@ -25,6 +37,7 @@ def train(args) -> int:
 
 
 def evaluate(args) -> int:
+    options = decode_options(args)
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_model(args.checkpoint, device)
     split = "val" if args.split == "dev" else args.split
@@ -33,11 +46,10 @@ def evaluate(args) -> int:
     if args.limit:
         records = records[: args.limit]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
-    metrics = evaluate_loader(model, loader, tokenizer, device, args.beam_size, args.max_len, args.length_penalty,
-                              progress=sys.stderr.isatty())
+    metrics = evaluate_loader(model, loader, tokenizer, device, options, progress=sys.stderr.isatty())
     captions = metrics.pop("captions")
     metrics.update(checkpoint=str(args.checkpoint), dataset=args.dataset,
-                   split=args.captions if args.dataset == "coco" else args.split, length_penalty=args.length_penalty)
+                   split=args.captions if args.dataset == "coco" else args.split)
     failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
     if failed:
         print(f"captioner evaluate: {len(failed)} unreadable image(s) skipped", file=sys.stderr)
@@ -51,8 +63,7 @@ def evaluate(args) -> int:
 
 
 def caption(args) -> int:
-    if args.num_captions > args.beam_size:
-        raise CaptionerError(f"--num-captions {args.num_captions} needs --beam-size >= {args.num_captions}")
+    options = decode_options(args)
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_model(args.checkpoint, device)
     try:
@@ -63,8 +74,7 @@ def caption(args) -> int:
         raise CaptionerError(f"no images found in {' '.join(args.paths)}")
     records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
-    for batch, hyps in caption_batches(model, loader, tokenizer, device, args.beam_size, args.max_len,
-                                       args.length_penalty, args.num_captions):
+    for batch, hyps in caption_batches(model, loader, tokenizer, device, options):
         for path, per_image in zip(batch.paths, hyps):
             if args.json:
                 entries = [{"caption": text, "score": round(score, 4)} for text, score in per_image]
@@ -83,6 +93,12 @@ def make_synthetic(args) -> int:
     paths = write(args.out, args.train, args.val, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=2))
     return 0
+
+
+def benchmark(args) -> int:
+    from .benchmarks.decode import run_from_args
+
+    return run_from_args(args)
 
 
 def demo(args) -> int:

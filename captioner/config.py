@@ -16,8 +16,9 @@ class ModelConfig:
     trainable_layers: int = 2  # ResNet stages trained, from the output end: 5 all, 1 layer4 only, 0 frozen
     bridge: str = "attention"  # attention | pool | conv
     bridge_layers: int = 1
-    decoder: str = "transformer"
-    decoder_layers: int = 2
+    decoder: str = "transformer"  # transformer | lstm (soft attention)
+    decoder_layers: int = 2  # transformer only
+    attention_reg: float = 1.0  # lstm only: weight of the doubly stochastic attention regulariser (0 = off)
     dim: int = 256
     heads: int = 4
     dropout: float = 0.1

@@ -15,6 +15,7 @@ from .config import RunConfig
 from .data.coco import load_coco
 from .data.factory import evaluation_loader  # the loader `captioner evaluate` uses
 from .data.synthetic import make_synthetic
+from .decoding import DecodeOptions
 from .engine import caption_batches, evaluate
 from .training import fit, resolve_device
 
@@ -40,12 +41,14 @@ def run_demo(out: str | Path, device: str = "auto", progress: bool = True) -> di
     model, tokenizer, saved = load_model(checkpoint, torch_device)
     val_records = load_coco(data.val_captions, data.val_images)
     loader = evaluation_loader(val_records, saved.data.image_size, batch_size=32)
-    metrics = evaluate(model, loader, tokenizer, torch_device, beam_size=3, max_len=30)
+    beam3 = DecodeOptions(beam_size=3, max_len=30)
+    metrics = evaluate(model, loader, tokenizer, torch_device, beam3)
     metrics.pop("captions")
+    metrics.pop("decoding")
     print("[demo] held-out BLEU (beam 3): " + json.dumps({k: round(v, 4) for k, v in metrics.items()
                                                          if k.startswith("Bleu")}), flush=True)
     examples = evaluation_loader(val_records[:4], saved.data.image_size, batch_size=4)
-    for batch, hyps in caption_batches(model, examples, tokenizer, torch_device, beam_size=3):
+    for batch, hyps in caption_batches(model, examples, tokenizer, torch_device, beam3):
         for path, refs, per_image in zip(batch.paths, batch.captions, hyps):
             print(f"[demo] {Path(path).name}\n    model:     {per_image[0][0]}\n    reference: {refs[0]}")
     metrics["seconds"] = round(time.time() - started, 1)

@@ -12,9 +12,10 @@ from tqdm import tqdm
 
 from .data.collate import Batch
 from .data.transforms import normalize
-from .decoding import Hypothesis, decode
+from .decoding import DecodeOptions, Hypothesis, decode
 from .errors import CaptionerError
 from .metrics import bleu_scores
+from .models.lstm import doubly_stochastic_penalty
 from .text import PAD_ID, Tokenizer
 
 
@@ -57,13 +58,16 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
         with autocast_for(device):
             images = prepare_images(batch.images, device)
             prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
-            logits, bow_logits = model.forward_train(images, batch.tokens_in, batch.caption_image_index, prefix)
-            caption_loss = F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten(),
+            out = model.forward_train(images, batch.tokens_in, batch.caption_image_index, prefix)
+            caption_loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.flatten(),
                                            ignore_index=PAD_ID, label_smoothing=label_smoothing)
             bow_loss = torch.zeros((), device=device)
-            if bow_logits is not None:
-                bow_loss = bag_of_words_loss(bow_logits, batch.bow_targets)
+            if out.bow_logits is not None:
+                bow_loss = bag_of_words_loss(out.bow_logits, batch.bow_targets)
             loss = caption_loss + model.cfg.bow_weight * bow_loss
+            if out.attention is not None and model.cfg.attention_reg > 0:
+                loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
+                                                                                  batch.targets != PAD_ID)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"non-finite loss at epoch {epoch}, step {steps}: caption {caption_loss.item()}, "
@@ -90,10 +94,10 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
 
 
 @torch.inference_mode()
-def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device, beam_size: int = 1,
-                    max_len: int = 30, length_penalty: float = 0.0, num_return: int = 1,
-                    progress: bool = False, desc: str = "captioning"):
+def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
+                    options: DecodeOptions | None = None, progress: bool = False, desc: str = "captioning"):
     """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
+    options = options or DecodeOptions()
     model.eval()
     for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True):
         if batch.images.shape[0] == 0:
@@ -101,24 +105,26 @@ def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device
             continue
         with autocast_for(device):
             memory = model.encode(prepare_images(batch.images, device))  # (B, N, D)
-            hyps: list[list[Hypothesis]] = decode(model, memory, beam_size, max_len, length_penalty, num_return)
+            hyps: list[list[Hypothesis]] = decode(model, memory, options)
         yield batch, [[(tokenizer.decode(h.tokens), h.score) for h in per_image] for per_image in hyps]
 
 
-def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device, beam_size: int = 1,
-             max_len: int = 30, length_penalty: float = 0.0, progress: bool = False) -> dict[str, Any]:
-    """Decode every image (real decoding, not teacher forcing) and score BLEU-1..4 against all references."""
+def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
+             options: DecodeOptions | None = None, progress: bool = False) -> dict[str, Any]:
+    """Decode every image (real decoding, not teacher forcing) and score BLEU-1..4 against all references.
+    The best hypothesis of each image is scored."""
+    options = options or DecodeOptions()
     references, hypotheses, skipped = {}, {}, 0
-    for batch, hyps in caption_batches(model, loader, tokenizer, device, beam_size, max_len, length_penalty,
-                                       progress=progress, desc="evaluating"):
+    for batch, hyps in caption_batches(model, loader, tokenizer, device, options, progress=progress,
+                                       desc="evaluating"):
         skipped += batch.skipped
         for image_id, refs, per_image in zip(batch.image_ids, batch.captions, hyps):
             references[image_id], hypotheses[image_id] = refs, per_image[0][0]
     if not hypotheses:
         raise CaptionerError("evaluation found no readable images")
     metrics = bleu_scores(references, hypotheses)
-    return {**metrics, "num_images": len(hypotheses), "skipped_images": skipped, "beam_size": beam_size,
-            "captions": hypotheses}
+    return {**metrics, "num_images": len(hypotheses), "skipped_images": skipped, "beam_size": options.beam_size,
+            "decoding": options.to_dict(), "captions": hypotheses}
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

@@ -27,6 +27,7 @@ TRAIN_FLAGS = {
     "--bridge-layers": ("model", "bridge_layers", int),
     "--decoder": ("model", "decoder", str),
     "--decoder-layers": ("model", "decoder_layers", int),
+    "--attention-reg": ("model", "attention_reg", float),
     "--dim": ("model", "dim", int),
     "--heads": ("model", "heads", int),
     "--dropout": ("model", "dropout", float),
@@ -51,7 +52,7 @@ TRAIN_FLAGS = {
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
-           "--decoder": ("transformer",)}
+           "--decoder": ("transformer", "lstm")}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

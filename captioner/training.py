@@ -24,6 +24,7 @@ from .data.collate import CaptionCollate
 from .data.dataset import CaptionDataset
 from .data.factory import load_records
 from .data.transforms import TrainAugment
+from .decoding import DecodeOptions
 from .engine import evaluate, prepare_images, train_one_epoch, warmup_cosine
 from .feature_cache import PrefixFeatureCache
 from .errors import CaptionerError
@@ -128,15 +129,16 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
         start_epoch, best = payload["epoch"] + 1, payload["best_metric"]
         set_rng_state(payload["rng"])
 
+    val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
     history = []
     for epoch in range(start_epoch, t.epochs + 1):
         started = time.time()
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
                                 t.clip_grad, progress, prefix_cache)
         train_seconds = time.time() - started
-        metrics = evaluate(model, val_loader, tokenizer, device, beam_size=t.val_beam_size,
-                           max_len=cfg.model.max_len, progress=progress)
+        metrics = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress)
         captions = metrics.pop("captions")
+        metrics.pop("decoding")
         record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in metrics.items()},
                   "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
                   "images_per_second": round(stats["images"] / max(train_seconds, 1e-9), 2),

@@ -97,3 +97,56 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = main(["caption", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "none.pt" in err
+
+
+def test_caption_sampling_is_reproducible_and_n_best_sorted(trained_run, synthetic_dataset, capsys):
+    images = [str(p) for p in sorted(synthetic_dataset.val_images.iterdir())[:3]]
+    argv = ["caption", "--checkpoint", str(trained_run / "best.pt"), *images, "--sample", "--num-captions", "3",
+            "--temperature", "1.3", "--top-k", "20", "--top-p", "0.9", "--seed", "5", "--batch-size", "2", "--json",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    first = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert main(argv) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == first
+    assert [entry["path"] for entry in first] == images
+    for entry in first:
+        scores = [c["score"] for c in entry["captions"]]
+        assert len(scores) == 3 and scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize("flags,message", [(["--sample", "--beam-size", "3"], "exclusive"),
+                                           (["--num-captions", "4", "--beam-size", "2"], "beam size >= 4"),
+                                           (["--top-p", "1.5"], "top_p")])
+def test_bad_decoding_flags_are_usage_errors(trained_run, synthetic_dataset, capsys, flags, message):
+    image = str(sorted(synthetic_dataset.val_images.iterdir())[0])
+    code = main(["caption", "--checkpoint", str(trained_run / "best.pt"), image, "--device", "cpu", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_evaluate_records_decoding_settings(trained_run, synthetic_dataset, tmp_path):
+    metrics_path = tmp_path / "m.json"
+    code = main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--dataset", "coco",
+                 "--captions", str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images),
+                 "--beam-size", "3", "--length-penalty", "0.6", "--no-repeat-ngram", "3", "--out", str(metrics_path),
+                 "--device", "cpu"])
+    assert code == 0
+    decoding = json.loads(metrics_path.read_text())["decoding"]
+    assert decoding["beam_size"] == 3 and decoding["length_penalty"] == 0.6 and decoding["no_repeat_ngram"] == 3
+
+
+def test_lstm_decoder_trains_captions_and_evaluates(synthetic_dataset, tmp_path, capsys):
+    d = synthetic_dataset
+    out = tmp_path / "lstm"
+    code = main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions),
+                 "--train-images", str(d.train_images), "--val-captions", str(d.val_captions),
+                 "--val-images", str(d.val_images), "--out", str(out), "--epochs", "1", "--decoder", "lstm", *TINY])
+    assert code == 0
+    assert json.loads((out / "config.json").read_text())["model"]["decoder"] == "lstm"
+    image = str(sorted(d.val_images.iterdir())[0])
+    for flags in (["--beam-size", "3", "--num-captions", "2"], ["--sample", "--num-captions", "2", "--seed", "1"]):
+        capsys.readouterr()
+        assert main(["caption", "--checkpoint", str(out / "best.pt"), image, "--json", "--device", "cpu", *flags]) == 0
+        assert len(json.loads(capsys.readouterr().out)["captions"]) == 2
+    assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--dataset", "coco", "--captions",
+                 str(d.val_captions), "--images", str(d.val_images), "--device", "cpu"]) == 0

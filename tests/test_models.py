@@ -2,13 +2,16 @@ import pytest
 import torch
 
 from captioner.models.bridges import BRIDGES, sincos_2d_positions
+from captioner.models.captioner import DECODERS
+from captioner.models.lstm import doubly_stochastic_penalty
 from conftest import tiny_model
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("bridge", BRIDGES)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_shapes_for_each_bridge(bridge, batch):
-    model = tiny_model(bridge=bridge)
+def test_shapes_for_each_bridge_and_decoder(bridge, batch, decoder):
+    model = tiny_model(bridge=bridge, decoder=decoder)
     images = torch.randn(batch, 3, 64, 64)
     memory = model.encode(images)
     assert memory.shape[0] == batch and memory.shape[2] == 32 and memory.shape[1] >= 4
@@ -18,9 +21,10 @@ def test_shapes_for_each_bridge(bridge, batch):
     assert torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("bridge", BRIDGES)
-def test_several_captions_share_one_image_pass(bridge):
-    model = tiny_model(bridge=bridge)
+def test_several_captions_share_one_image_pass(bridge, decoder):
+    model = tiny_model(bridge=bridge, decoder=decoder)
     images = torch.randn(2, 3, 64, 64)
     tokens = torch.randint(4, 40, (5, 6))
     index = torch.tensor([0, 0, 1, 1, 1])
@@ -29,13 +33,15 @@ def test_several_captions_share_one_image_pass(bridge):
     torch.testing.assert_close(logits, one_by_one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("bridge", BRIDGES)
 @pytest.mark.parametrize("trainable_layers,bow_weight", [(5, 0.0), (1, 0.0), (2, 0.5)])
-def test_gradients_reach_every_trainable_parameter(bridge, trainable_layers, bow_weight):
-    model = tiny_model(bridge=bridge, trainable_layers=trainable_layers, bow_weight=bow_weight).train()
+def test_gradients_reach_every_trainable_parameter(bridge, trainable_layers, bow_weight, decoder):
+    model = tiny_model(bridge=bridge, trainable_layers=trainable_layers, bow_weight=bow_weight,
+                       decoder=decoder).train()
     images = torch.randn(2, 3, 64, 64)
     tokens = torch.randint(4, 40, (2, 6))
-    logits, bow_logits = model.forward_train(images, tokens)
+    logits, bow_logits, _ = model.forward_train(images, tokens)
     loss = logits.logsumexp(-1).mean()
     if bow_weight:
         loss = loss + bow_logits.logsumexp(-1).mean()
@@ -70,3 +76,24 @@ def test_positions_distinguish_every_cell():
     codes = sincos_2d_positions(4, 5, 32)
     assert codes.shape == (20, 32)
     assert torch.cdist(codes, codes).add(torch.eye(20) * 10).min() > 1e-3
+
+
+def test_lstm_attention_is_a_distribution_over_memory_tokens():
+    model = tiny_model(decoder="lstm")
+    images = torch.randn(2, 3, 64, 64)
+    out = model.forward_train(images, torch.randint(4, 40, (3, 5)), torch.tensor([0, 1, 1]))
+    memory_tokens = model.encode(images).shape[1]
+    assert out.attention.shape == (3, 5, memory_tokens)
+    torch.testing.assert_close(out.attention.sum(-1), torch.ones(3, 5))
+    assert tiny_model().forward_train(images, torch.randint(4, 40, (2, 5))).attention is None
+
+
+def test_doubly_stochastic_penalty_hand_computed():
+    # Two memory tokens, three steps of which the last is padding (ignored).
+    attention = torch.tensor([[[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]]])  # (C=1, T=3, N=2)
+    mask = torch.tensor([[True, True, False]])
+    # token 0 receives 1.5, token 1 receives 0.5: (1 - 1.5)^2 + (1 - 0.5)^2 = 0.5
+    assert doubly_stochastic_penalty(attention, mask).item() == pytest.approx(0.5)
+    # attention spread so each token gets exactly one unit costs nothing
+    even = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert doubly_stochastic_penalty(even, torch.ones(1, 2, dtype=torch.bool)).item() == 0.0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -9,14 +11,23 @@ from ..config import ModelConfig
 from .bridges import build_bridge
 from .encoder import TRUNK_CHANNELS, ResNet18Trunk
 from .state import DecoderState
+from .lstm import LSTMDecoder
 from .transformer import TransformerDecoder
 
-DECODERS = ("transformer",)
+DECODERS = ("transformer", "lstm")
+
+
+class TrainOutput(NamedTuple):
+    logits: torch.Tensor  # (C, T, V)
+    bow_logits: torch.Tensor | None  # (B, V), None without the bag-of-words head
+    attention: torch.Tensor | None  # (C, T, N) soft attention of the LSTM decoder (for its regulariser), else None
 
 
 def build_decoder(cfg: ModelConfig) -> nn.Module:
     if cfg.decoder == "transformer":
         return TransformerDecoder(cfg.vocab_size, cfg.dim, cfg.decoder_layers, cfg.heads, cfg.dropout, cfg.max_len)
+    if cfg.decoder == "lstm":
+        return LSTMDecoder(cfg.vocab_size, cfg.dim, cfg.dropout, cfg.max_len)
     raise ValueError(f"unknown decoder {cfg.decoder!r}; choose one of {', '.join(DECODERS)}")
 
 
@@ -44,19 +55,24 @@ class Captioner(nn.Module):
         """Teacher forcing. images (B, 3, H, W); tokens_in (C, T) starting with bos; caption_image_index (C,)
         says which image each caption belongs to (several captions per image share one encoder pass).
         Returns logits (C, T, V)."""
-        return self.forward_train(images, tokens_in, caption_image_index)[0]
+        return self.forward_train(images, tokens_in, caption_image_index).logits
 
     def forward_train(self, images: torch.Tensor | None, tokens_in: torch.Tensor,
                       caption_image_index: torch.Tensor | None = None,
-                      prefix_features: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As forward, plus the bag-of-words logits (B, V) (None without the head). `prefix_features`, the
-        cached output of the frozen trunk prefix, replaces `images` when given."""
+                      prefix_features: torch.Tensor | None = None) -> TrainOutput:
+        """As forward, plus what the auxiliary losses need. `prefix_features`, the cached output of the frozen
+        trunk prefix, replaces `images` when given."""
         if prefix_features is None:
             prefix_features = self.encoder.forward_prefix(images)
         memory = self.bridge(self.encoder.forward_suffix(prefix_features))  # (B, N, D)
-        logits = self.decoder(memory, tokens_in, caption_image_index=caption_image_index)  # (C, T, V)
+        attention = None
+        if isinstance(self.decoder, LSTMDecoder):
+            logits, attention = self.decoder(memory, tokens_in, caption_image_index=caption_image_index,
+                                             return_attention=True)  # (C, T, V), (C, T, N)
+        else:
+            logits = self.decoder(memory, tokens_in, caption_image_index=caption_image_index)  # (C, T, V)
         bow_logits = None if self.bow_head is None else self.bow_head(memory.mean(dim=1))  # (B, V)
-        return logits, bow_logits
+        return TrainOutput(logits, bow_logits, attention)
 
     def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
         return self.decoder.init_state(memory, memory_mask)
