@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decoding_flags(p)
     p.add_argument("--out", default="", help="write the metrics JSON here")
     p.add_argument("--results", default="", help="write the COCO results file here")
+    p.add_argument("--metrics", choices=("bleu", "all"), default="bleu",
+                   help="all: add CIDEr-D, ROUGE-L and METEOR (pip install 'captioner[coco-eval]')")
+    p.add_argument("--per-image", default="", help="write per-image captions, references and scores (JSON lines)")
+    p.add_argument("--report", default="", help="write an HTML page of the best and worst captioned images")
 
     p = sub.add_parser("caption", help="caption image files or folders")
     p.add_argument("--checkpoint", required=True)
@@ -73,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train", type=int, default=2000)
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("bleu-bench", help="checkpoints x beam sizes x length penalties on one split: tables, plot")
+    from .benchmarks.bleu_bench import add_arguments as add_bleu_bench_arguments
+
+    add_bleu_bench_arguments(p)
+    _add_dataset_flags(p, default_split="test")
 
     p = sub.add_parser("benchmark", help="speed benchmarks that print JSON")
     kinds = p.add_subparsers(dest="benchmark", required=True, metavar="KIND")

@@ -14,7 +14,13 @@ from .data.records import ImageRecord
 from .decoding import DecodeOptions
 from .engine import caption_batches, evaluate as evaluate_loader
 from .errors import CaptionerError
+from .report import write_error_report, write_per_image_scores
 from .training import fit, resolve_device
+
+
+def write_coco_results(path, captions: dict) -> None:
+    """The official COCO results file: [{"image_id": int, "caption": str}, ...]."""
+    Path(path).write_text(json.dumps([{"image_id": i, "caption": text} for i, text in captions.items()]) + "\n")
 
 
 def decode_options(args) -> DecodeOptions:
@@ -46,16 +52,23 @@ def evaluate(args) -> int:
     if args.limit:
         records = records[: args.limit]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
-    metrics = evaluate_loader(model, loader, tokenizer, device, options, progress=sys.stderr.isatty())
-    captions = metrics.pop("captions")
-    metrics.update(checkpoint=str(args.checkpoint), dataset=args.dataset,
-                   split=args.captions if args.dataset == "coco" else args.split)
+    evaluation = evaluate_loader(model, loader, tokenizer, device, options, progress=sys.stderr.isatty(),
+                                 metrics=args.metrics)
+    metrics = dict(evaluation.metrics, checkpoint=str(args.checkpoint), dataset=args.dataset,
+                   split=args.captions if args.dataset == "coco" else args.split, decoding=options.to_dict())
+    if evaluation.skipped_metrics:
+        metrics["skipped_metrics"] = evaluation.skipped_metrics
+        for reason in evaluation.skipped_metrics.values():
+            print(f"captioner evaluate: {reason}", file=sys.stderr)
     failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
     if failed:
         print(f"captioner evaluate: {len(failed)} unreadable image(s) skipped", file=sys.stderr)
     if args.results:
-        results = [{"image_id": image_id, "caption": text} for image_id, text in captions.items()]
-        Path(args.results).write_text(json.dumps(results) + "\n")
+        write_coco_results(args.results, evaluation.captions)
+    if args.per_image:
+        write_per_image_scores(args.per_image, evaluation)
+    if args.report:
+        write_error_report(args.report, evaluation, title=f"{args.checkpoint} on {metrics['split']}")
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
@@ -93,6 +106,12 @@ def make_synthetic(args) -> int:
     paths = write(args.out, args.train, args.val, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=2))
     return 0
+
+
+def bleu_bench(args) -> int:
+    from .benchmarks.bleu_bench import run_from_args
+
+    return run_from_args(args)
 
 
 def benchmark(args) -> int:

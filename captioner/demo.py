@@ -42,9 +42,7 @@ def run_demo(out: str | Path, device: str = "auto", progress: bool = True) -> di
     val_records = load_coco(data.val_captions, data.val_images)
     loader = evaluation_loader(val_records, saved.data.image_size, batch_size=32)
     beam3 = DecodeOptions(beam_size=3, max_len=30)
-    metrics = evaluate(model, loader, tokenizer, torch_device, beam3)
-    metrics.pop("captions")
-    metrics.pop("decoding")
+    metrics = evaluate(model, loader, tokenizer, torch_device, beam3).metrics
     print("[demo] held-out BLEU (beam 3): " + json.dumps({k: round(v, 4) for k, v in metrics.items()
                                                          if k.startswith("Bleu")}), flush=True)
     examples = evaluation_loader(val_records[:4], saved.data.image_size, batch_size=4)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import torch
@@ -14,7 +16,7 @@ from .data.collate import Batch
 from .data.transforms import normalize
 from .decoding import DecodeOptions, Hypothesis, decode
 from .errors import CaptionerError
-from .metrics import bleu_scores
+from .scoring import score_captions
 from .models.lstm import doubly_stochastic_penalty
 from .text import PAD_ID, Tokenizer
 
@@ -109,22 +111,37 @@ def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device
         yield batch, [[(tokenizer.decode(h.tokens), h.score) for h in per_image] for per_image in hyps]
 
 
+@dataclass
+class Evaluation:
+    """What decoding a split produced and how it scored. `metrics` holds corpus scores and counts; the dicts
+    are keyed by image id."""
+
+    metrics: dict[str, Any]
+    captions: dict[Any, str]  # best hypothesis per image
+    references: dict[Any, list[str]]
+    paths: dict[Any, str]
+    per_image: dict[Any, dict[str, float]]
+    skipped_metrics: dict[str, str]  # metric -> why it was not computed
+
+
 def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
-             options: DecodeOptions | None = None, progress: bool = False) -> dict[str, Any]:
-    """Decode every image (real decoding, not teacher forcing) and score BLEU-1..4 against all references.
-    The best hypothesis of each image is scored."""
+             options: DecodeOptions | None = None, progress: bool = False, metrics: str = "bleu") -> Evaluation:
+    """Decode every image (real decoding, not teacher forcing) and score the best hypothesis of each against
+    all its references: BLEU-1..4, plus CIDEr-D, ROUGE-L and METEOR with metrics="all"."""
     options = options or DecodeOptions()
-    references, hypotheses, skipped = {}, {}, 0
+    references, hypotheses, paths, skipped, started = {}, {}, {}, 0, time.perf_counter()
     for batch, hyps in caption_batches(model, loader, tokenizer, device, options, progress=progress,
                                        desc="evaluating"):
         skipped += batch.skipped
-        for image_id, refs, per_image in zip(batch.image_ids, batch.captions, hyps):
-            references[image_id], hypotheses[image_id] = refs, per_image[0][0]
+        for image_id, refs, path, per_image in zip(batch.image_ids, batch.captions, batch.paths, hyps):
+            references[image_id], hypotheses[image_id], paths[image_id] = list(refs), per_image[0][0], str(path)
+    decode_seconds = time.perf_counter() - started
     if not hypotheses:
         raise CaptionerError("evaluation found no readable images")
-    metrics = bleu_scores(references, hypotheses)
-    return {**metrics, "num_images": len(hypotheses), "skipped_images": skipped, "beam_size": options.beam_size,
-            "decoding": options.to_dict(), "captions": hypotheses}
+    corpus, per_image, skipped_metrics = score_captions(references, hypotheses, metrics)
+    summary = {**corpus, "num_images": len(hypotheses), "skipped_images": skipped, "beam_size": options.beam_size,
+               "captions_per_second": round(len(hypotheses) / max(decode_seconds, 1e-9), 2)}
+    return Evaluation(summary, hypotheses, references, paths, per_image, skipped_metrics)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):

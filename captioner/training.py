@@ -136,9 +136,8 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
         stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
                                 t.clip_grad, progress, prefix_cache)
         train_seconds = time.time() - started
-        metrics = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress)
-        captions = metrics.pop("captions")
-        metrics.pop("decoding")
+        evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress)
+        metrics, captions = evaluation.metrics, evaluation.captions
         record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in metrics.items()},
                   "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
                   "images_per_second": round(stats["images"] / max(train_seconds, 1e-9), 2),

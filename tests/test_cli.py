@@ -7,20 +7,7 @@ import sys
 import pytest
 
 from captioner.cli import main
-
-TINY = ["--image-size", "64", "--dim", "32", "--heads", "4", "--decoder-layers", "1", "--batch-size", "16",
-        "--device", "cpu", "--no-progress", "--vocab-size", "200"]
-
-
-@pytest.fixture(scope="module")
-def trained_run(synthetic_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    d = synthetic_dataset
-    code = main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions),
-                 "--train-images", str(d.train_images), "--val-captions", str(d.val_captions),
-                 "--val-images", str(d.val_images), "--out", str(out), "--epochs", "2", *TINY])
-    assert code == 0
-    return out
+from conftest import TINY
 
 
 def test_train_writes_run_folder(trained_run):
@@ -150,3 +137,22 @@ def test_lstm_decoder_trains_captions_and_evaluates(synthetic_dataset, tmp_path,
         assert len(json.loads(capsys.readouterr().out)["captions"]) == 2
     assert main(["evaluate", "--checkpoint", str(out / "best.pt"), "--dataset", "coco", "--captions",
                  str(d.val_captions), "--images", str(d.val_images), "--device", "cpu"]) == 0
+
+
+def test_evaluate_all_metrics_per_image_scores_and_report(trained_run, synthetic_dataset, tmp_path, capsys):
+    pytest.importorskip("pycocoevalcap", reason="pip install captioner[coco-eval]")
+    metrics_path, per_image, report = tmp_path / "m.json", tmp_path / "per_image.jsonl", tmp_path / "report.html"
+    code = main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--dataset", "coco",
+                 "--captions", str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images),
+                 "--metrics", "all", "--out", str(metrics_path), "--per-image", str(per_image), "--report", str(report),
+                 "--device", "cpu"])
+    assert code == 0
+    metrics = json.loads(metrics_path.read_text())
+    assert {"Bleu_4", "CIDEr", "ROUGE_L"} <= set(metrics)
+    assert "SPICE" in metrics["skipped_metrics"]
+    assert ("METEOR" in metrics) != ("METEOR" in metrics["skipped_metrics"])  # computed, or skipped with a reason
+    rows = [json.loads(line) for line in per_image.read_text().splitlines()]
+    assert len(rows) == 8 and all(r["references"] and "CIDEr" in r["scores"] for r in rows)
+    assert [r["scores"]["CIDEr"] for r in rows] == sorted(r["scores"]["CIDEr"] for r in rows)  # worst first
+    page = report.read_text()
+    assert page.count("data:image/jpeg;base64,") >= 8 and "Worst" in page and "Best" in page

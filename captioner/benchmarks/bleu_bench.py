@@ -1,0 +1,242 @@
+"""`captioner bleu-bench`: several checkpoints x beam sizes x length penalties on one dataset split.
+
+Each checkpoint encodes the split's images once; every decoding setting then runs from that memory. The output
+folder holds everything needed to compare two benchmark runs:
+
+    results.md, results.csv     one row per (checkpoint, beam size, length penalty): every metric, captions/s
+    bleu_vs_beam.png            BLEU-4 (and CIDEr-D) against beam size, one line per checkpoint (and penalty)
+    results/<run>.json          the COCO results file of each run
+    per_image/<run>.jsonl       per-image captions, references and scores of each run
+    report.html                 best and worst captioned images of the best run
+    run.json                    versions, seed, device, checkpoint hashes and a hash of the dataset split
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import platform
+import re
+import sys
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..data.factory import evaluation_loader, load_records
+from ..decoding import DecodeOptions, decode
+from ..engine import Evaluation, autocast_for, prepare_images
+from ..errors import CaptionerError
+from ..report import write_error_report, write_per_image_scores
+from ..scoring import score_captions
+
+TABLE_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr", "ROUGE_L", "METEOR")
+
+
+def split_hash(records) -> str:
+    """Identity of a dataset split: image ids, file names and reference captions, order-independent."""
+    digest = hashlib.sha256()
+    for r in sorted(records, key=lambda r: str(r.image_id)):
+        digest.update(json.dumps([str(r.image_id), Path(r.path).name, list(r.captions)]).encode())
+    return digest.hexdigest()[:16]
+
+
+def file_hash(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("captioner", "torch", "torchvision", "nltk", "sentencepiece", "pycocoevalcap"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "not installed"
+    if out["captioner"] == "not installed":  # run from a source tree without pip install
+        from .. import __version__
+
+        out["captioner"] = f"{__version__} (source tree)"
+    return out
+
+
+def _labels(checkpoints: list[str]) -> list[str]:
+    """Short unique names: 'RUN/best' for RUN/best.pt, made filesystem-safe."""
+    labels = []
+    for path in checkpoints:
+        p = Path(path)
+        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{p.parent.name}_{p.stem}" if p.parent.name else p.stem)
+        label, n = base, 2
+        while label in labels:
+            label, n = f"{base}-{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+@torch.inference_mode()
+def _encode_split(model, loader, device: torch.device):
+    """-> memory (num_images, N, D) on device, and per image: id, references, path (unreadable ones skipped)."""
+    memory, ids, references, paths = [], [], [], []
+    for batch in loader:
+        if batch.images.shape[0] == 0:
+            continue
+        with autocast_for(device):
+            memory.append(model.encode(prepare_images(batch.images, device)))
+        ids += batch.image_ids
+        references += [list(c) for c in batch.captions]
+        paths += [str(p) for p in batch.paths]
+    if not memory:
+        raise CaptionerError("bleu-bench: no readable images in the split")
+    return torch.cat(memory), ids, references, paths
+
+
+def _decode_memory(model, memory: torch.Tensor, tokenizer, options: DecodeOptions, batch_size: int,
+                   device: torch.device) -> tuple[list[str], float]:
+    """Best caption per memory row, and the seconds decoding took (synchronised on CUDA)."""
+    captions, started = [], time.perf_counter()
+    for i in range(0, memory.shape[0], batch_size):
+        with autocast_for(device):
+            hyps = decode(model, memory[i : i + batch_size], options)
+        captions += [tokenizer.decode(per_image[0].tokens) for per_image in hyps]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return captions, time.perf_counter() - started
+
+
+def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalties: list[float], records,
+                   out_dir: str | Path, device: torch.device, metrics: str = "bleu", batch_size: int = 64,
+                   max_len: int = 30, seed: int = 0, dataset_args: dict | None = None,
+                   progress: bool = False) -> list[dict]:
+    """Evaluate every checkpoint x beam size x length penalty; write the output folder; return the table rows."""
+    out = Path(out_dir)
+    for sub in ("results", "per_image"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    rows, evaluations = [], {}
+    for checkpoint, label in zip(checkpoints, _labels(checkpoints)):
+        model, tokenizer, cfg = load_model(checkpoint, device)
+        loader = evaluation_loader(records, cfg.data.image_size, batch_size)
+        memory, ids, references, paths = _encode_split(model, loader, device)
+        refs_by_id = dict(zip(ids, references))
+        for beam in beam_sizes:
+            for penalty in length_penalties:
+                options = DecodeOptions(beam_size=beam, max_len=max_len, length_penalty=penalty, seed=seed)
+                texts, seconds = _decode_memory(model, memory, tokenizer, options, batch_size, device)
+                captions = dict(zip(ids, texts))
+                corpus, per_image, skipped = score_captions(refs_by_id, captions, metrics)
+                run = f"{label}_beam{beam}_lp{penalty:g}"
+                row = {"run": run, "checkpoint": str(checkpoint), "beam_size": beam, "length_penalty": penalty,
+                       **{k: round(v, 6) for k, v in corpus.items()}, "num_images": len(captions),
+                       "captions_per_s": round(len(captions) / max(seconds, 1e-9), 1),
+                       "skipped_images": len(loader.dataset.failed_paths)}
+                rows.append(row)
+                if progress:
+                    print(f"[bleu-bench] {run}: " + ", ".join(f"{k} {row[k]:.4f}" for k in TABLE_METRICS if k in row),
+                          file=sys.stderr, flush=True)
+                evaluation = Evaluation(row, captions, refs_by_id, dict(zip(ids, paths)), per_image, skipped)
+                evaluations[run] = evaluation
+                (out / "results" / f"{run}.json").write_text(
+                    json.dumps([{"image_id": i, "caption": t} for i, t in captions.items()]) + "\n")
+                write_per_image_scores(out / "per_image" / f"{run}.jsonl", evaluation)
+        del model, memory
+    _write_tables(rows, out)
+    _plot(rows, out / "bleu_vs_beam.png")
+    key = "CIDEr" if "CIDEr" in rows[0] else "Bleu_4"
+    best = max(rows, key=lambda r: r[key])
+    write_error_report(out / "report.html", evaluations[best["run"]], title=f"bleu-bench best run {best['run']}")
+    skipped = next(iter(evaluations.values())).skipped_metrics
+    run_info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
+                "seed": seed, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                "dataset": dataset_args or {}, "split_hash": split_hash(records), "num_images": len(records),
+                "checkpoints": {str(c): file_hash(c) for c in checkpoints}, "beam_sizes": beam_sizes,
+                "length_penalties": length_penalties, "max_len": max_len, "metrics": metrics,
+                "skipped_metrics": skipped, "best_run": best["run"], "ranked_by": key}
+    (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    return rows
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    metric_columns = [m for m in TABLE_METRICS if m in rows[0]]
+    return ["run", "beam_size", "length_penalty", *metric_columns, "captions_per_s", "num_images", "checkpoint"]
+
+
+def _write_tables(rows: list[dict], out: Path) -> None:
+    columns = _columns(rows)
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.4f}" if c in TABLE_METRICS else str(row[c]) for c in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in ("Bleu_4", "CIDEr") if m in rows[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    several_penalties = len({r["length_penalty"] for r in rows}) > 1
+    for ax, metric in zip(axes[0], panels):
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for r in rows:
+            name = r["run"].rsplit("_beam", 1)[0] + (f" lp {r['length_penalty']:g}" if several_penalties else "")
+            lines.setdefault(name, []).append((r["beam_size"], r[metric]))
+        for name, points in lines.items():
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+        ax.set_xlabel("beam size")
+        ax.set_ylabel(metric.replace("Bleu_4", "BLEU-4").replace("CIDEr", "CIDEr-D"))
+        ax.set_xticks(sorted({r["beam_size"] for r in rows}))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoints", nargs="+", required=True)
+    p.add_argument("--beam-sizes", nargs="+", type=int, default=[1, 3, 5])
+    p.add_argument("--length-penalties", nargs="+", type=float, default=[0.0])
+    p.add_argument("--metrics", choices=("bleu", "all"), default="bleu")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--max-len", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def run_from_args(args) -> int:
+    from ..training import resolve_device
+
+    for checkpoint in args.checkpoints:
+        if not Path(checkpoint).is_file():
+            raise CaptionerError(f"bleu-bench: checkpoint {checkpoint} does not exist")
+    if any(k < 1 for k in args.beam_sizes):
+        raise CaptionerError(f"bleu-bench: beam sizes must be >= 1, got {args.beam_sizes}")
+    split = "val" if args.split == "dev" else args.split
+    records = load_records(args.dataset, split, captions=args.captions, images=args.images, root=args.root,
+                           karpathy_json=args.karpathy_json)
+    if args.limit:
+        records = records[: args.limit]
+    dataset_args = {k: getattr(args, k) for k in ("dataset", "captions", "images", "root", "karpathy_json", "split",
+                                                   "limit")}
+    rows = run_bleu_bench(args.checkpoints, args.beam_sizes, args.length_penalties, records, args.out,
+                          resolve_device(args.device), args.metrics, args.batch_size, args.max_len, args.seed,
+                          dataset_args, progress=True)
+    print(Path(args.out, "results.md").read_text(), end="")
+    print(json.dumps({"out": str(args.out), "runs": len(rows)}))
+    return 0

@@ -1,0 +1,52 @@
+"""`captioner bleu-bench`: every checkpoint x beam size lands in the tables, files and run record."""
+
+import csv
+import json
+import shutil
+
+from captioner.cli import main
+
+
+def _bench(trained_run, synthetic_dataset, out, *extra):
+    return main(["bleu-bench", "--checkpoints", str(trained_run / "best.pt"), str(trained_run / "last.pt"),
+                 "--beam-sizes", "1", "2", "--dataset", "coco", "--captions", str(synthetic_dataset.val_captions),
+                 "--images", str(synthetic_dataset.val_images), "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_bleu_bench_writes_tables_plot_results_and_run_record(trained_run, synthetic_dataset, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert _bench(trained_run, synthetic_dataset, out) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    label = trained_run.name  # runs are named RUNFOLDER_STEM_beamK_lpA
+    assert [(r["run"].split("_beam")[0], r["beam_size"]) for r in rows] == [
+        (f"{label}_best", "1"), (f"{label}_best", "2"), (f"{label}_last", "1"), (f"{label}_last", "2")]
+    assert all(0 <= float(r["Bleu_4"]) <= 1 and float(r["captions_per_s"]) > 0 and r["num_images"] == "8"
+               for r in rows)
+    assert (out / "results.md").read_text().count("\n") == 2 + len(rows)
+    assert (out / "bleu_vs_beam.png").read_bytes()[:4] == b"\x89PNG"
+    for r in rows:
+        results = json.loads((out / "results" / f"{r['run']}.json").read_text())
+        assert len(results) == 8 and all(isinstance(x["image_id"], int) and isinstance(x["caption"], str) for x in results)
+        assert len((out / "per_image" / f"{r['run']}.jsonl").read_text().splitlines()) == 8
+    assert "data:image/jpeg;base64," in (out / "report.html").read_text()
+    record = json.loads((out / "run.json").read_text())
+    assert {"versions", "seed", "device", "split_hash", "checkpoints", "best_run"} <= set(record)
+    assert record["versions"]["torch"] and len(record["checkpoints"]) == 2
+
+
+def test_split_hash_identifies_the_split(trained_run, synthetic_dataset, tmp_path):
+    def split_hash(name, *extra):
+        assert _bench(trained_run, synthetic_dataset, tmp_path / name, "--beam-sizes", "1", *extra) == 0
+        return json.loads((tmp_path / name / "run.json").read_text())["split_hash"]
+
+    same = split_hash("a")
+    assert split_hash("b") == same
+    assert split_hash("c", "--limit", "4") != same
+    shutil.rmtree(tmp_path / "a")
+
+
+def test_missing_checkpoint_is_a_usage_error(synthetic_dataset, tmp_path, capsys):
+    code = main(["bleu-bench", "--checkpoints", str(tmp_path / "nope.pt"), "--dataset", "coco", "--captions",
+                 str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images), "--out",
+                 str(tmp_path / "o")])
+    assert code == 2 and "nope.pt" in capsys.readouterr().err
