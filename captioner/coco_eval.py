@@ -1,8 +1,9 @@
 """CIDEr-D, ROUGE-L and METEOR from the coco-caption toolkit (`pip install captioner[coco-eval]`).
 
-Captions are given to the scorers as the project's normalised words (lowercase, punctuation removed, joined by
-spaces), the same words BLEU sees, instead of going through coco-caption's Java PTB tokenizer: one
-normalisation everywhere, and no Java needed for CIDEr-D and ROUGE-L.
+`tokenize_like_coco_caption` puts references and hypotheses through coco-caption's own tokenisation (Stanford
+PTBTokenizer, lowercased, punctuation tokens dropped), so that every metric, BLEU included, equals what
+`COCOEvalCap` reports for the same results file. The tokenizer is Java; without Java, captions fall back to the
+project's normalisation (lowercase, punctuation removed), and the output says so.
 
 METEOR is a Java program. Without a `java` on PATH it is skipped with a one-line reason; if the Java process
 dies (the "broken pipe" users of other projects hit) or takes longer than `meteor_timeout` seconds it is
@@ -38,11 +39,25 @@ def _require_pycocoevalcap():
             from None
 
 
-def _as_coco_inputs(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str]):
+def tokenize_like_coco_caption(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str]):
+    """-> (gts, res, tokenization): image id -> tokenised reference strings / [tokenised hypothesis], and
+    "ptb" or "normalised" (with the reason PTB was not used)."""
     ids = list(hypotheses)
-    gts = {i: [normalize_caption(r) for r in references[i]] for i in ids}
-    res = {i: [normalize_caption(hypotheses[i])] for i in ids}
-    return ids, gts, res
+    try:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        if shutil.which("java") is None:
+            raise RuntimeError("no Java runtime on PATH")
+        tokenizer = PTBTokenizer()
+        gts = tokenizer.tokenize({i: [{"caption": r} for r in references[i]] for i in ids})
+        res = tokenizer.tokenize({i: [{"caption": hypotheses[i]}] for i in ids})
+        if set(gts) != set(ids) or set(res) != set(ids):
+            raise RuntimeError("the PTB tokenizer returned fewer captions than it was given")
+        return gts, res, "ptb"
+    except (RuntimeError, OSError) as exc:
+        gts = {i: [normalize_caption(r) for r in references[i]] for i in ids}
+        res = {i: [normalize_caption(hypotheses[i])] for i in ids}
+        return gts, res, f"normalised (PTB tokenizer unavailable: {exc})"
 
 
 def _meteor_jar() -> Path:
@@ -98,15 +113,15 @@ def _meteor(gts: dict, res: dict, timeout: float) -> tuple[float, list[float]]:
     return outcome["value"]
 
 
-def coco_caption_metrics(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str],
-                         meteor_timeout: float = 600.0) -> tuple[dict[str, float], dict[Hashable, dict[str, float]],
-                                                                 dict[str, str]]:
-    """-> (corpus scores, per-image scores, skipped metric -> reason)."""
+def coco_caption_metrics(gts: dict, res: dict, meteor_timeout: float = 600.0
+                         ) -> tuple[dict[str, float], dict[Hashable, dict[str, float]], dict[str, str]]:
+    """Tokenised captions (see tokenize_like_coco_caption) -> (corpus scores, per-image scores, skipped
+    metric -> reason) for CIDEr-D, ROUGE-L and METEOR."""
     _require_pycocoevalcap()
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    ids, gts, res = _as_coco_inputs(references, hypotheses)
+    ids = list(res)
     corpus: dict[str, float] = {}
     per_image: dict[Hashable, dict[str, float]] = {i: {} for i in ids}
     skipped = {"SPICE": SPICE_REASON}

@@ -81,17 +81,31 @@ def _checked_ids(references: Mapping[Hashable, Sequence[str]], hypotheses: Mappi
     return ids
 
 
+def bleu_from_words(references: Mapping[Hashable, Sequence[Sequence[str]]],
+                    hypotheses: Mapping[Hashable, Sequence[str]]) -> tuple[dict[str, float], dict[Hashable, dict]]:
+    """Already tokenised words: image id -> reference word lists / hypothesis words.
+    -> (corpus BLEU-1..4, per-image BLEU-1..4)."""
+    corpus, per_image = BleuStats(), {}
+    for i in _checked_ids(references, hypotheses):
+        stats = image_stats(hypotheses[i], references[i])
+        per_image[i] = stats.scores()
+        corpus += stats
+    return corpus.scores(), per_image
+
+
+def _words(references, hypotheses):
+    ids = _checked_ids(references, hypotheses)
+    return ({i: [caption_words(r) for r in references[i]] for i in ids},
+            {i: caption_words(hypotheses[i]) for i in ids})
+
+
 def bleu_scores(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str]) -> dict[str, float]:
     """references: image id -> reference captions; hypotheses: image id -> one caption (raw text).
     Scores the images present in `hypotheses`; each must have at least one reference."""
-    corpus = BleuStats()
-    for i in _checked_ids(references, hypotheses):
-        corpus += image_stats(caption_words(hypotheses[i]), [caption_words(r) for r in references[i]])
-    return corpus.scores()
+    return bleu_from_words(*_words(references, hypotheses))[0]
 
 
 def per_image_bleu(references: Mapping[Hashable, Sequence[str]],
                    hypotheses: Mapping[Hashable, str]) -> dict[Hashable, dict[str, float]]:
     """BLEU-1..4 of each image on its own (coco-caption's per-image scores), for error analysis."""
-    return {i: image_stats(caption_words(hypotheses[i]), [caption_words(r) for r in references[i]]).scores()
-            for i in _checked_ids(references, hypotheses)}
+    return bleu_from_words(*_words(references, hypotheses))[1]

@@ -14,7 +14,7 @@ REFS = {1: ["A red circle, on the left.", "one red circle at the left"], 2: ["tw
 HYPS = {1: "a red circle on the left", 2: "blue squares"}
 
 
-def test_cider_and_rouge_match_pycocoevalcap_on_normalised_words():
+def test_cider_and_rouge_match_pycocoevalcap_on_the_same_tokens():
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
@@ -27,11 +27,12 @@ def test_cider_and_rouge_match_pycocoevalcap_on_normalised_words():
     assert "SPICE" in skipped
 
 
-def test_meteor_without_java_is_skipped_with_a_reason(monkeypatch):
+def test_without_java_meteor_is_skipped_and_tokenisation_falls_back_with_reasons(monkeypatch):
     monkeypatch.setattr(coco_eval.shutil, "which", lambda name: None)
-    corpus, _, skipped = coco_eval.coco_caption_metrics(REFS, HYPS)
+    corpus, _, skipped = score_captions(REFS, HYPS, "all")
     assert "METEOR" not in corpus and "no Java" in skipped["METEOR"]
-    assert "CIDEr" in corpus
+    assert "CIDEr" in corpus and "Bleu_4" in corpus
+    assert corpus["tokenization"].startswith("normalised (PTB tokenizer unavailable: no Java")
 
 
 @pytest.mark.parametrize("script", ["#!/bin/sh\necho 'Error: could not reserve heap' >&2\nexit 1\n",
@@ -41,7 +42,9 @@ def test_a_broken_or_stuck_java_skips_meteor_instead_of_crashing_or_hanging(tmp_
     fake.write_text(script)
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    corpus, _, skipped = coco_eval.coco_caption_metrics(REFS, HYPS, meteor_timeout=3)
+    gts = {i: [" ".join(r.lower().replace(",", "").replace(".", "").split()) for r in refs] for i, refs in REFS.items()}
+    res = {i: [h] for i, h in HYPS.items()}
+    corpus, _, skipped = coco_eval.coco_caption_metrics(gts, res, meteor_timeout=3)
     assert "METEOR" not in corpus and skipped["METEOR"].startswith("METEOR skipped: METEOR failed")
     assert "CIDEr" in corpus
 

@@ -3,6 +3,7 @@
 These read ../shared/data (never copied into the repository) and skip when it is absent."""
 
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -72,3 +73,59 @@ def test_flickr8k_trains_and_scores_every_test_image(tmp_path):
     metrics = json.loads(metrics_path.read_text())
     assert metrics["num_images"] == len(splits["test"]) == 24
     assert 0.0 <= metrics["Bleu_4"] <= metrics["Bleu_1"] <= 1.0
+
+
+def _cocoevalcap_scores(annotation_file, results_file, monkeypatch):
+    """What coco-caption's COCOEvalCap reports for a results file (SPICE stubbed out: it needs a download)."""
+    import pycocoevalcap.eval as coco_eval_module
+    from pycocotools.coco import COCO
+
+    class NoSpice:
+        def compute_score(self, gts, res):
+            return 0.0, [0.0] * len(res)
+
+        def method(self):
+            return "SPICE"
+
+    monkeypatch.setattr(coco_eval_module, "Spice", NoSpice)
+    coco = COCO(str(annotation_file))
+    evaluator = coco_eval_module.COCOEvalCap(coco, coco.loadRes(str(results_file)))
+    evaluator.params["image_id"] = evaluator.cocoRes.getImgIds()
+    evaluator.evaluate()
+    return evaluator.eval
+
+
+@pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"real COCO sample not found at {COCO_MINI}")
+@pytest.mark.skipif(shutil.which("java") is None, reason="coco-caption's PTB tokenizer and METEOR need Java")
+@pytest.mark.parametrize("source", ["human", "model"])
+def test_metrics_all_equal_cocoevalcap_on_coco_mini(source, trained_run, tmp_path, monkeypatch):
+    """`evaluate --metrics all` reports what COCOEvalCap reports for the same results file: once for human
+    captions (one reference held out per image, real punctuation and clitics), once for a model's captions."""
+    pytest.importorskip("pycocoevalcap", reason="pip install captioner[coco-eval]")
+    from captioner.data.coco import load_coco
+    from captioner.scoring import score_captions
+
+    captions, images = COCO_MINI / "annotations" / "captions_train2017.json", COCO_MINI / "train2017"
+    results, metrics_path = tmp_path / "results.json", tmp_path / "metrics.json"
+    if source == "model":
+        assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--dataset", "coco", "--captions",
+                     str(captions), "--images", str(images), "--metrics", "all", "--results", str(results),
+                     "--out", str(metrics_path), "--device", "cpu"]) == 0
+        ours = json.loads(metrics_path.read_text())
+    else:
+        records = load_coco(captions, images)
+        hypotheses = {r.image_id: r.captions[0] for r in records}
+        references = {r.image_id: list(r.captions[1:]) for r in records}
+        results.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in hypotheses.items()]))
+        held_out = json.loads(captions.read_text())
+        first = {}
+        for a in held_out["annotations"]:
+            first.setdefault(a["image_id"], a["id"])
+        held_out["annotations"] = [a for a in held_out["annotations"] if first[a["image_id"]] != a["id"]]
+        captions = tmp_path / "references.json"
+        captions.write_text(json.dumps(held_out))
+        ours = score_captions(references, hypotheses, "all")[0]
+    assert ours["tokenization"] == "ptb"
+    theirs = _cocoevalcap_scores(captions, results, monkeypatch)
+    for metric in ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr", "ROUGE_L", "METEOR"):
+        assert ours[metric] == pytest.approx(theirs[metric], abs=1e-6), metric

@@ -119,7 +119,7 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
     for sub in ("results", "per_image"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    rows, evaluations = [], {}
+    rows, evaluations, tokenization = [], {}, "normalised"
     for checkpoint, label in zip(checkpoints, _labels(checkpoints)):
         model, tokenizer, cfg = load_model(checkpoint, device)
         loader = evaluation_loader(records, cfg.data.image_size, batch_size)
@@ -133,10 +133,12 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
                 corpus, per_image, skipped = score_captions(refs_by_id, captions, metrics)
                 run = f"{label}_beam{beam}_lp{penalty:g}"
                 row = {"run": run, "checkpoint": str(checkpoint), "beam_size": beam, "length_penalty": penalty,
-                       **{k: round(v, 6) for k, v in corpus.items()}, "num_images": len(captions),
+                       **{k: round(v, 6) for k, v in corpus.items() if isinstance(v, float)},
+                       "num_images": len(captions),
                        "captions_per_s": round(len(captions) / max(seconds, 1e-9), 1),
                        "skipped_images": len(loader.dataset.failed_paths)}
                 rows.append(row)
+                tokenization = corpus.get("tokenization", "normalised")
                 if progress:
                     print(f"[bleu-bench] {run}: " + ", ".join(f"{k} {row[k]:.4f}" for k in TABLE_METRICS if k in row),
                           file=sys.stderr, flush=True)
@@ -157,6 +159,7 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
                 "dataset": dataset_args or {}, "split_hash": split_hash(records), "num_images": len(records),
                 "checkpoints": {str(c): file_hash(c) for c in checkpoints}, "beam_sizes": beam_sizes,
                 "length_penalties": length_penalties, "max_len": max_len, "metrics": metrics,
+                "tokenization": tokenization,
                 "skipped_metrics": skipped, "best_run": best["run"], "ranked_by": key}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     return rows
