@@ -229,7 +229,7 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, lengt
         lengths = lengths.index_select(0, source) + (~was_finished).long()
         finished = was_finished | (tokens == EOS_ID)
         history = torch.cat([history.index_select(0, source), tokens[:, None]], dim=1)
-        state = state.select(source)
+        state = state.reorder_beams(source)  # source rows always belong to the same image
         if bool(finished.all()):
             break
     return _rank(history, scores.view(-1), lengths, k, num_return, options)

@@ -251,3 +251,15 @@ def test_average_length_norm_ranks_by_mean_log_prob():
 def test_bad_decoding_options_are_refused(bad):
     with pytest.raises(ValueError):
         DecodeOptions(**bad)
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_reordering_beams_within_images_equals_a_full_select(decoder):
+    model = tiny_model(decoder=decoder)
+    state = model.init_state(_memory(model, batch=2)).select(torch.tensor([0, 0, 0, 1, 1, 1]))
+    state = model.step(torch.tensor([4, 5, 6, 7, 8, 9]), state)[1]
+    within_images = torch.tensor([2, 2, 0, 4, 3, 3])
+    fast, full = state.reorder_beams(within_images), state.select(within_images)
+    assert state.per_image and set(fast.tensors) == set(full.tensors)
+    for key in full.tensors:
+        torch.testing.assert_close(fast.tensors[key], full.tensors[key], rtol=0, atol=0)

@@ -120,7 +120,7 @@ def _time_naive(model, memory: torch.Tensor, beam_size: int, max_len: int, devic
 
 
 def run_decode_benchmark(checkpoint: str | None = None, device: str = "auto", num_images: int = 256,
-                         batch_size: int = 64, naive_images: int = 8, max_len: int = 20, image_folder: str | None = None,
+                         batch_size: int = 64, naive_images: int = 16, max_len: int = 20, image_folder: str | None = None,
                          vocab_size: int = 4000, file_images: int = 0) -> dict:
     """Measure and return the figures as a dict (see module docstring). `file_images` (0 = num_images) limits the
     end-to-end runs from files, which on a CPU are dominated by the encoder."""
@@ -186,7 +186,7 @@ def add_arguments(p) -> None:
     p.add_argument("--image-folder", help="caption these images instead of generated synthetic scenes")
     p.add_argument("--file-images", type=int, default=0, help="images for the end-to-end runs (0 = --images)")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--naive-images", type=int, default=8, help="images the slow per-image baseline decodes")
+    p.add_argument("--naive-images", type=int, default=16, help="images the slow per-image baseline decodes")
     p.add_argument("--max-len", type=int, default=20)
     p.add_argument("--vocab-size", type=int, default=4000, help="vocabulary of the random model")
     p.add_argument("--out", help="also write the JSON here")

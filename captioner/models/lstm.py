@@ -97,7 +97,8 @@ class LSTMDecoder(nn.Module):
 
     # --- step interface -------------------------------------------------------------------------------------
     def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
-        return DecoderState(position=0, tensors=self._initial(memory, memory_mask))
+        return DecoderState(position=0, tensors=self._initial(memory, memory_mask),
+                            per_image=frozenset({"memory", "projected", "memory_mask"}))
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         """tokens (B,) -> log-probabilities (B, V) of the next token. The step's attention (B, N) stays in

@@ -112,7 +112,8 @@ class TransformerDecoder(nn.Module):
     # --- step interface -------------------------------------------------------------------------------------
     def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
         """Project cross-attention keys/values once; empty self-attention caches."""
-        state = DecoderState(position=0)
+        per_image = {"cross_mask"} | {f"cross_{kv}{i}" for i in range(len(self.layers)) for kv in "kv"}
+        state = DecoderState(position=0, per_image=frozenset(per_image))
         cross_mask = memory_attn_mask(memory_mask)
         if cross_mask is not None:
             state.tensors["cross_mask"] = cross_mask
