@@ -131,6 +131,11 @@ def _sampling_filter(log_probs: torch.Tensor, temperature: float, top_k: int, to
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # (R, V) mass of the tokens ranked above
         sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)  # the top token always stays
         probs = torch.zeros_like(probs).scatter_(1, order, sorted_probs)
+    # A row with every token forbidden (possible only with a tiny vocabulary and many bans) ends the caption.
+    dead = ~torch.isfinite(log_probs).any(dim=-1)
+    if bool(dead.any()):
+        probs[dead] = 0.0
+        probs[dead, EOS_ID] = 1.0
     return probs
 
 

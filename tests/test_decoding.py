@@ -263,3 +263,10 @@ def test_reordering_beams_within_images_equals_a_full_select(decoder):
     assert state.per_image and set(fast.tensors) == set(full.tensors)
     for key in full.tensors:
         torch.testing.assert_close(fast.tensors[key], full.tensors[key], rtol=0, atol=0)
+
+
+def test_sampling_a_row_with_every_token_forbidden_ends_the_caption():
+    log_probs = torch.full((2, 6), float("-inf"))
+    log_probs[1, 4] = 0.0
+    probs = _sampling_filter(log_probs, 1.0, 0, 0.9)
+    assert probs[0].tolist() == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0] and probs[1, 4] == 1.0
