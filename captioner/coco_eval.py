@@ -42,6 +42,7 @@ def _require_pycocoevalcap():
 def tokenize_like_coco_caption(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str]):
     """-> (gts, res, tokenization): image id -> tokenised reference strings / [tokenised hypothesis], and
     "ptb" or "normalised" (with the reason PTB was not used)."""
+    _require_pycocoevalcap()
     ids = list(hypotheses)
     try:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer

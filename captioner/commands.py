@@ -14,13 +14,16 @@ from .data.records import ImageRecord
 from .decoding import DecodeOptions
 from .engine import caption_batches, evaluate as evaluate_loader
 from .errors import CaptionerError
-from .report import write_error_report, write_per_image_scores
+from .report import write_coco_results, write_error_report, write_per_image_scores
 from .training import fit, resolve_device
 
 
-def write_coco_results(path, captions: dict) -> None:
-    """The official COCO results file: [{"image_id": int, "caption": str}, ...]."""
-    Path(path).write_text(json.dumps([{"image_id": i, "caption": text} for i, text in captions.items()]) + "\n")
+def split_records(args) -> list[ImageRecord]:
+    """The dataset flags of `evaluate`/`bleu-bench` -> the records of the split to score (--limit applied)."""
+    split = "val" if args.split == "dev" else args.split
+    records = load_records(args.dataset, split, captions=args.captions, images=args.images, root=args.root,
+                           karpathy_json=args.karpathy_json)
+    return records[: args.limit] if args.limit else records
 
 
 def decode_options(args) -> DecodeOptions:
@@ -46,11 +49,7 @@ def evaluate(args) -> int:
     options = decode_options(args)
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_model(args.checkpoint, device)
-    split = "val" if args.split == "dev" else args.split
-    records = load_records(args.dataset, split, captions=args.captions, images=args.images, root=args.root,
-                           karpathy_json=args.karpathy_json)
-    if args.limit:
-        records = records[: args.limit]
+    records = split_records(args)
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
     evaluation = evaluate_loader(model, loader, tokenizer, device, options, progress=sys.stderr.isatty(),
                                  metrics=args.metrics)
@@ -111,7 +110,7 @@ def make_synthetic(args) -> int:
 def bleu_bench(args) -> int:
     from .benchmarks.bleu_bench import run_from_args
 
-    return run_from_args(args)
+    return run_from_args(args, split_records(args))
 
 
 def benchmark(args) -> int:

@@ -83,7 +83,7 @@ def length_normalise(log_prob: torch.Tensor, length: torch.Tensor, alpha: float,
     return log_prob / ((5.0 + length.float()) / 6.0) ** alpha
 
 
-def _forbid(log_probs: torch.Tensor, step: int, min_len: int) -> torch.Tensor:
+def forbid_tokens(log_probs: torch.Tensor, step: int, min_len: int) -> torch.Tensor:
     """Never generate pad or bos; no eos before min_len tokens (so no caption is empty). In place."""
     log_probs[:, PAD_ID] = float("-inf")
     log_probs[:, BOS_ID] = float("-inf")
@@ -158,7 +158,7 @@ def _left_to_right(model, memory: torch.Tensor, options: DecodeOptions, copies: 
     history = torch.empty((rows, 0), dtype=torch.long, device=device)
     for t in range(options.max_len):
         log_probs, state = model.step(tokens, state)  # (R, V)
-        _forbid(log_probs, t, options.min_len)
+        forbid_tokens(log_probs, t, options.min_len)
         ban_repeated_ngrams(log_probs, history, options.no_repeat_ngram)
         if generator is None:
             tokens = log_probs.argmax(dim=-1)  # (R,)
@@ -222,7 +222,7 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, lengt
     for t in range(max_len):
         log_probs, state = model.step(tokens, state)  # (B*K, V)
         vocab = log_probs.shape[-1]
-        _forbid(log_probs, t, min_len)
+        forbid_tokens(log_probs, t, min_len)
         ban_repeated_ngrams(log_probs, history, no_repeat_ngram)
         log_probs[finished] = float("-inf")
         log_probs[finished, EOS_ID] = 0.0

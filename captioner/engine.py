@@ -111,6 +111,23 @@ def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device
         yield batch, [[(tokenizer.decode(h.tokens), h.score) for h in per_image] for per_image in hyps]
 
 
+@torch.inference_mode()
+def encode_split(model, loader, device: torch.device):
+    """-> memory (num_images, N, D) on device, and per image: id, references, path (unreadable ones skipped)."""
+    memory, ids, references, paths = [], [], [], []
+    for batch in loader:
+        if batch.images.shape[0] == 0:
+            continue
+        with autocast_for(device):
+            memory.append(model.encode(prepare_images(batch.images, device)))
+        ids += batch.image_ids
+        references += [list(c) for c in batch.captions]
+        paths += [str(p) for p in batch.paths]
+    if not memory:
+        raise CaptionerError("no readable images in the split")
+    return torch.cat(memory), ids, references, paths
+
+
 @dataclass
 class Evaluation:
     """What decoding a split produced and how it scored. `metrics` holds corpus scores and counts; the dicts

@@ -93,7 +93,8 @@ def bleu_from_words(references: Mapping[Hashable, Sequence[Sequence[str]]],
     return corpus.scores(), per_image
 
 
-def _words(references, hypotheses):
+def normalised_words(references, hypotheses):
+    """Raw captions -> (reference word lists, hypothesis words) per image id, normalised as BLEU sees them."""
     ids = _checked_ids(references, hypotheses)
     return ({i: [caption_words(r) for r in references[i]] for i in ids},
             {i: caption_words(hypotheses[i]) for i in ids})
@@ -102,10 +103,10 @@ def _words(references, hypotheses):
 def bleu_scores(references: Mapping[Hashable, Sequence[str]], hypotheses: Mapping[Hashable, str]) -> dict[str, float]:
     """references: image id -> reference captions; hypotheses: image id -> one caption (raw text).
     Scores the images present in `hypotheses`; each must have at least one reference."""
-    return bleu_from_words(*_words(references, hypotheses))[0]
+    return bleu_from_words(*normalised_words(references, hypotheses))[0]
 
 
 def per_image_bleu(references: Mapping[Hashable, Sequence[str]],
                    hypotheses: Mapping[Hashable, str]) -> dict[Hashable, dict[str, float]]:
     """BLEU-1..4 of each image on its own (coco-caption's per-image scores), for error analysis."""
-    return bleu_from_words(*_words(references, hypotheses))[1]
+    return bleu_from_words(*normalised_words(references, hypotheses))[1]

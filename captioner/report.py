@@ -36,6 +36,11 @@ def per_image_records(evaluation: Evaluation) -> list[dict]:
     return sorted(rows, key=lambda r: r["scores"][key])
 
 
+def write_coco_results(path: str | Path, captions: dict) -> None:
+    """The official COCO results file: [{"image_id": int, "caption": str}, ...]."""
+    Path(path).write_text(json.dumps([{"image_id": i, "caption": text} for i, text in captions.items()]) + "\n")
+
+
 def write_per_image_scores(path: str | Path, evaluation: Evaluation) -> None:
     with open(path, "w") as f:
         for row in per_image_records(evaluation):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Hashable, Mapping, Sequence
 
-from .metrics import bleu_from_words, bleu_scores, per_image_bleu
+from .metrics import bleu_from_words, normalised_words
 
 METRIC_SETS = ("bleu", "all")
 
@@ -19,7 +19,7 @@ def score_captions(references: Mapping[Hashable, Sequence[str]], hypotheses: Map
     if metrics not in METRIC_SETS:
         raise ValueError(f"metrics must be one of {', '.join(METRIC_SETS)}, got {metrics!r}")
     if metrics == "bleu":
-        corpus, per_image = bleu_scores(references, hypotheses), per_image_bleu(references, hypotheses)
+        corpus, per_image = bleu_from_words(*normalised_words(references, hypotheses))
         return corpus, per_image, {}
     from .coco_eval import coco_caption_metrics, tokenize_like_coco_caption
 

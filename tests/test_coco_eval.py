@@ -60,3 +60,20 @@ def test_meteor_equals_pycocoevalcap_meteor():
     expected, expected_per_image = reference.compute_score(gts, res)
     assert corpus == pytest.approx(expected, abs=1e-9)
     assert per_image == pytest.approx(expected_per_image, abs=1e-9)
+
+
+def test_all_metrics_without_pycocoevalcap_is_a_clear_error(monkeypatch):
+    import builtins
+
+    from captioner.errors import CaptionerError
+
+    real_import = builtins.__import__
+
+    def no_pycocoevalcap(name, *args, **kwargs):
+        if name.startswith("pycocoevalcap"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_pycocoevalcap)
+    with pytest.raises(CaptionerError, match=r"captioner\[coco-eval\]"):
+        score_captions(REFS, HYPS, "all")

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import load_model
-from ..data.factory import evaluation_loader, load_records
+from ..data.factory import evaluation_loader
 from ..decoding import DecodeOptions, decode
-from ..engine import Evaluation, autocast_for, prepare_images
+from ..engine import Evaluation, autocast_for, encode_split
 from ..errors import CaptionerError
-from ..report import write_error_report, write_per_image_scores
+from ..report import write_coco_results, write_error_report, write_per_image_scores
 from ..scoring import score_captions
 
 TABLE_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr", "ROUGE_L", "METEOR")
@@ -80,23 +80,6 @@ def _labels(checkpoints: list[str]) -> list[str]:
     return labels
 
 
-@torch.inference_mode()
-def _encode_split(model, loader, device: torch.device):
-    """-> memory (num_images, N, D) on device, and per image: id, references, path (unreadable ones skipped)."""
-    memory, ids, references, paths = [], [], [], []
-    for batch in loader:
-        if batch.images.shape[0] == 0:
-            continue
-        with autocast_for(device):
-            memory.append(model.encode(prepare_images(batch.images, device)))
-        ids += batch.image_ids
-        references += [list(c) for c in batch.captions]
-        paths += [str(p) for p in batch.paths]
-    if not memory:
-        raise CaptionerError("bleu-bench: no readable images in the split")
-    return torch.cat(memory), ids, references, paths
-
-
 def _decode_memory(model, memory: torch.Tensor, tokenizer, options: DecodeOptions, batch_size: int,
                    device: torch.device) -> tuple[list[str], float]:
     """Best caption per memory row, and the seconds decoding took (synchronised on CUDA)."""
@@ -123,7 +106,7 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
     for checkpoint, label in zip(checkpoints, _labels(checkpoints)):
         model, tokenizer, cfg = load_model(checkpoint, device)
         loader = evaluation_loader(records, cfg.data.image_size, batch_size)
-        memory, ids, references, paths = _encode_split(model, loader, device)
+        memory, ids, references, paths = encode_split(model, loader, device)
         refs_by_id = dict(zip(ids, references))
         for beam in beam_sizes:
             for penalty in length_penalties:
@@ -144,8 +127,7 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
                           file=sys.stderr, flush=True)
                 evaluation = Evaluation(row, captions, refs_by_id, dict(zip(ids, paths)), per_image, skipped)
                 evaluations[run] = evaluation
-                (out / "results" / f"{run}.json").write_text(
-                    json.dumps([{"image_id": i, "caption": t} for i, t in captions.items()]) + "\n")
+                write_coco_results(out / "results" / f"{run}.json", captions)
                 write_per_image_scores(out / "per_image" / f"{run}.jsonl", evaluation)
         del model, memory
     _write_tables(rows, out)
@@ -222,7 +204,8 @@ def add_arguments(p) -> None:
     p.add_argument("--device", default="auto")
 
 
-def run_from_args(args) -> int:
+def run_from_args(args, records) -> int:
+    """`captioner bleu-bench`: `records` is the split its dataset flags name."""
     from ..training import resolve_device
 
     for checkpoint in args.checkpoints:
@@ -230,11 +213,6 @@ def run_from_args(args) -> int:
             raise CaptionerError(f"bleu-bench: checkpoint {checkpoint} does not exist")
     if any(k < 1 for k in args.beam_sizes):
         raise CaptionerError(f"bleu-bench: beam sizes must be >= 1, got {args.beam_sizes}")
-    split = "val" if args.split == "dev" else args.split
-    records = load_records(args.dataset, split, captions=args.captions, images=args.images, root=args.root,
-                           karpathy_json=args.karpathy_json)
-    if args.limit:
-        records = records[: args.limit]
     dataset_args = {k: getattr(args, k) for k in ("dataset", "captions", "images", "root", "karpathy_json", "split",
                                                    "limit")}
     rows = run_bleu_bench(args.checkpoints, args.beam_sizes, args.length_penalties, records, args.out,

@@ -23,7 +23,7 @@ from ..data.factory import evaluation_loader
 from ..data.images import list_images
 from ..data.records import ImageRecord
 from ..decoding import DecodeOptions, decode
-from ..engine import autocast_for, caption_batches, prepare_images
+from ..engine import autocast_for, caption_batches, encode_split
 from ..models.captioner import Captioner
 from .naive import naive_beam_search
 
@@ -62,16 +62,6 @@ def _image_records(folder: str | None, count: int, workdir: Path) -> list[ImageR
         written = make_synthetic(workdir, num_train=count, num_val=0, seed=0)
         paths = [r.path for r in load_coco(written.train_captions, written.train_images)]
     return [ImageRecord(image_id=str(p), path=Path(p), captions=()) for p in paths]
-
-
-@torch.inference_mode()
-def _encode_all(model, records, image_size: int, batch_size: int, device: torch.device) -> torch.Tensor:
-    """All images -> memory (num_images, N, D) on `device`."""
-    chunks = []
-    for batch in evaluation_loader(records, image_size, batch_size):
-        with autocast_for(device):
-            chunks.append(model.encode(prepare_images(batch.images, device)))
-    return torch.cat(chunks)
 
 
 def _time_from_memory(model, memory: torch.Tensor, options: DecodeOptions, batch_size: int,
@@ -136,7 +126,8 @@ def run_decode_benchmark(checkpoint: str | None = None, device: str = "auto", nu
         tokenizer = _PlaceholderTokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         records = _image_records(image_folder, num_images, Path(tmp))
-        memory = _encode_all(model, records, image_size, batch_size, torch_device)  # (num_images, N, D)
+        loader = evaluation_loader(records, image_size, batch_size)
+        memory = encode_split(model, loader, torch_device)[0]  # (num_images, N, D)
         result = {
             "benchmark": "decode", "model": source, "device": _device_name(torch_device),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "images": memory.shape[0],

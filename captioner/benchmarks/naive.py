@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..decoding import Hypothesis, length_normalise
-from ..text import BOS_ID, EOS_ID, PAD_ID
+from ..decoding import Hypothesis, forbid_tokens, length_normalise
+from ..text import BOS_ID, EOS_ID
 
 
 @torch.inference_mode()
@@ -26,11 +26,7 @@ def naive_beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int,
     finished = torch.zeros(1, dtype=torch.bool, device=memory.device)
     for t in range(max_len):
         logits = model.decoder(memory.expand(prefixes.shape[0], -1, -1), prefixes)[:, -1]  # whole prefix again
-        log_probs = torch.log_softmax(logits.float(), dim=-1)  # (K, V)
-        log_probs[:, PAD_ID] = float("-inf")
-        log_probs[:, BOS_ID] = float("-inf")
-        if t < min_len:
-            log_probs[:, EOS_ID] = float("-inf")
+        log_probs = forbid_tokens(torch.log_softmax(logits.float(), dim=-1), t, min_len)  # (K, V)
         log_probs[finished] = float("-inf")
         log_probs[finished, EOS_ID] = 0.0  # a finished hypothesis only pads itself with eos, at no cost
         vocab = log_probs.shape[1]
