@@ -6,7 +6,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -41,22 +41,64 @@ def bag_of_words_loss(bow_logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 class NonFiniteLossError(CaptionerError):
-    """Training produced a NaN/inf loss; the run stops before that state can be checkpointed."""
+    """Training produced a NaN/inf loss or gradient; the run stops before that state can be checkpointed."""
+
+    exit_status = 1
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch. Mid-epoch checkpoints carry them, so a resumed epoch reports the figures an
+    uninterrupted one would have. `batches` counts batches taken from the loader (the resume position);
+    `steps` counts optimizer updates (a batch of unreadable images, or a skipped non-finite step, has none)."""
+
+    loss_sum: float = 0.0  # caption loss x tokens
+    bow_sum: float = 0.0  # bag-of-words loss x images
+    tokens: int = 0
+    images: int = 0
+    batches: int = 0
+    steps: int = 0
+    skipped_images: int = 0
+    nonfinite_steps: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"train_loss": self.loss_sum / max(self.tokens, 1), "train_bow_loss": self.bow_sum / max(self.images, 1),
+                "images": self.images, "steps": self.steps, "skipped_images": self.skipped_images,
+                "nonfinite_steps": self.nonfinite_steps}
 
 
 def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device: torch.device, epoch: int,
                     label_smoothing: float = 0.0, clip_grad: float = 0.0, progress: bool = True,
-                    prefix_cache=None) -> dict[str, Any]:
-    """`prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its
-    first computation; only valid when images are not augmented."""
+                    prefix_cache=None, totals: EpochTotals | None = None,
+                    on_batch: Callable[[EpochTotals], None] | None = None, nonfinite: str = "stop") -> dict[str, Any]:
+    """One pass over `loader` (which may start mid-epoch; `totals` then holds the sums so far).
+
+    `prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its first
+    computation; only valid when images are not augmented. `on_batch(totals)` runs after every batch, when the
+    model and optimizer are in a consistent state (training saves mid-epoch checkpoints there).
+    `nonfinite`: "stop" raises NonFiniteLossError at a NaN/inf loss or gradient norm; "skip" drops that update
+    (weights and optimizer state untouched, the schedule moves on) and counts it.
+    """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    totals = totals if totals is not None else EpochTotals()
     model.train()
-    total_loss, total_bow, total_tokens, images_seen, skipped, steps = 0.0, 0.0, 0, 0, 0, 0
+    parameters = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
-        skipped += batch.skipped
+        totals.batches += 1
+        totals.skipped_images += batch.skipped
         if batch.images.shape[0] == 0:
+            if on_batch is not None:
+                on_batch(totals)
             continue
         batch = batch.to(device)
+        # A skipped step must leave no trace, but the forward pass itself updates BatchNorm running statistics
+        # (NaN ones, if the trunk overflowed): keep a copy of the buffers (small) to put back.
+        buffers = [b.detach().clone() for b in model.buffers()] if nonfinite == "skip" else None
         with autocast_for(device):
             images = prepare_images(batch.images, device)
             prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
@@ -70,29 +112,43 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
             if out.attention is not None and model.cfg.attention_reg > 0:
                 loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
                                                                                   batch.targets != PAD_ID)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch}, step {steps}: caption {caption_loss.item()}, "
-                f"bag-of-words {bow_loss.item()} (running caption loss "
-                f"{total_loss / max(total_tokens, 1):.4f}); stopping before it reaches a checkpoint. "
-                "Try a lower --lr or --clip-grad."
-            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        grad_norm = None
+        if torch.isfinite(loss):
+            loss.backward()
+            # Clipping at infinity still returns the norm, which is how a non-finite gradient is caught.
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else float("inf"))
+        if grad_norm is None or not torch.isfinite(grad_norm):
+            what = "loss" if grad_norm is None else "gradient norm"
+            if nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite {what} at epoch {epoch}, batch {totals.batches}: caption loss {caption_loss.item()}, "
+                    f"bag-of-words loss {bow_loss.item()} (running caption loss "
+                    f"{totals.loss_sum / max(totals.tokens, 1):.4f}); stopping before it reaches a checkpoint. "
+                    "Try a lower --lr or --clip-grad, or --on-nonfinite skip."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+            scheduler.step()
+            totals.nonfinite_steps += 1
+            if on_batch is not None:
+                on_batch(totals)
+            continue
         optimizer.step()
         scheduler.step()
         n_tokens = int((batch.targets != PAD_ID).sum())
         step_caption_loss = caption_loss.item()
-        total_loss += step_caption_loss * n_tokens
-        total_bow += bow_loss.item() * batch.images.shape[0]
-        total_tokens += n_tokens
-        images_seen += batch.images.shape[0]
-        steps += 1
+        totals.loss_sum += step_caption_loss * n_tokens
+        totals.bow_sum += bow_loss.item() * batch.images.shape[0]
+        totals.tokens += n_tokens
+        totals.images += batch.images.shape[0]
+        totals.steps += 1
         bar.set_postfix(loss=f"{step_caption_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-    return {"train_loss": total_loss / max(total_tokens, 1), "train_bow_loss": total_bow / max(images_seen, 1),
-            "images": images_seen, "steps": steps, "skipped_images": skipped}
+        if on_batch is not None:
+            on_batch(totals)
+    return totals.summary()
 
 
 @torch.inference_mode()
