@@ -41,7 +41,8 @@ def train(args) -> int:
     from .train_cli import config_from_args
 
     result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
+    if result["rank"] == 0:  # under torchrun, one line for the whole run
+        print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
     return 0
 
 

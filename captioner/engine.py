@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .data.collate import Batch
 from .data.transforms import normalize
 from .decoding import DecodeOptions, Hypothesis, decode
+from .distributed import Distributed
 from .errors import CaptionerError
 from .scoring import score_captions
 from .models.lstm import doubly_stochastic_penalty
@@ -73,7 +74,8 @@ class EpochTotals:
 def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device: torch.device, epoch: int,
                     label_smoothing: float = 0.0, clip_grad: float = 0.0, progress: bool = True,
                     prefix_cache=None, totals: EpochTotals | None = None,
-                    on_batch: Callable[[EpochTotals], None] | None = None, nonfinite: str = "stop") -> dict[str, Any]:
+                    on_batch: Callable[[EpochTotals], None] | None = None, nonfinite: str = "stop",
+                    forward: Callable[..., Any] | None = None, dist: Distributed | None = None) -> dict[str, Any]:
     """One pass over `loader` (which may start mid-epoch; `totals` then holds the sums so far).
 
     `prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its first
@@ -81,17 +83,28 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     model and optimizer are in a consistent state (training saves mid-epoch checkpoints there).
     `nonfinite`: "stop" raises NonFiniteLossError at a NaN/inf loss or gradient norm; "skip" drops that update
     (weights and optimizer state untouched, the schedule moves on) and counts it.
+
+    Under torchrun, `forward` is the DistributedDataParallel-wrapped `model.forward_train` and `dist` the process
+    group: every caption token and every image weighs the same whichever process it landed on (losses are
+    normalised by the global counts), so N processes with batch b train like one process with batch N*b.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     totals = totals if totals is not None else EpochTotals()
+    forward = forward or model.forward_train
+    dist = dist or Distributed()
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
         totals.batches += 1
         totals.skipped_images += batch.skipped
-        if batch.images.shape[0] == 0:
+        n_images, n_tokens = batch.images.shape[0], int((batch.targets != PAD_ID).sum())
+        global_images, global_tokens = dist.sum([n_images, n_tokens], device) if dist.enabled else (n_images, n_tokens)
+        if n_images == 0:
+            if global_images > 0:
+                raise CaptionerError(f"every image of batch {totals.batches} on process {dist.rank} was unreadable "
+                                     "while other processes had images; multi-process training cannot skip it")
             if on_batch is not None:
                 on_batch(totals)
             continue
@@ -102,19 +115,23 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
         with autocast_for(device):
             images = prepare_images(batch.images, device)
             prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
-            out = model.forward_train(images, batch.tokens_in, batch.caption_image_index, prefix)
+            out = forward(images, batch.tokens_in, batch.caption_image_index, prefix)
             caption_loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.flatten(),
-                                           ignore_index=PAD_ID, label_smoothing=label_smoothing)
+                                           ignore_index=PAD_ID, label_smoothing=label_smoothing)  # this batch's mean
             bow_loss = torch.zeros((), device=device)
             if out.bow_logits is not None:
                 bow_loss = bag_of_words_loss(out.bow_logits, batch.bow_targets)
-            loss = caption_loss + model.cfg.bow_weight * bow_loss
+            # Local means -> shares of the global means (factors are exactly 1 in a single process); DDP then
+            # averages gradients over the world_size processes.
+            token_share = n_tokens * dist.world_size / global_tokens
+            image_share = n_images * dist.world_size / global_images
+            loss = caption_loss * token_share + model.cfg.bow_weight * bow_loss * image_share
             if out.attention is not None and model.cfg.attention_reg > 0:
                 loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
                                                                                   batch.targets != PAD_ID)
         optimizer.zero_grad(set_to_none=True)
         grad_norm = None
-        if torch.isfinite(loss):
+        if dist.all_true(bool(torch.isfinite(loss)), device):
             loss.backward()
             # Clipping at infinity still returns the norm, which is how a non-finite gradient is caught.
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else float("inf"))
@@ -138,12 +155,11 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
             continue
         optimizer.step()
         scheduler.step()
-        n_tokens = int((batch.targets != PAD_ID).sum())
         step_caption_loss = caption_loss.item()
         totals.loss_sum += step_caption_loss * n_tokens
         totals.bow_sum += bow_loss.item() * batch.images.shape[0]
         totals.tokens += n_tokens
-        totals.images += batch.images.shape[0]
+        totals.images += n_images
         totals.steps += 1
         bar.set_postfix(loss=f"{step_caption_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
         if on_batch is not None:
@@ -198,9 +214,13 @@ class Evaluation:
 
 
 def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
-             options: DecodeOptions | None = None, progress: bool = False, metrics: str = "bleu") -> Evaluation:
+             options: DecodeOptions | None = None, progress: bool = False, metrics: str = "bleu",
+             dist: Distributed | None = None) -> Evaluation:
     """Decode every image (real decoding, not teacher forcing) and score the best hypothesis of each against
-    all its references: BLEU-1..4, plus CIDEr-D, ROUGE-L and METEOR with metrics="all"."""
+    all its references: BLEU-1..4, plus CIDEr-D, ROUGE-L and METEOR with metrics="all".
+
+    Under torchrun each process decodes its share of the split (`loader` is sharded); the captions are gathered
+    (an image padded into two shares counts once) and every process computes the same scores."""
     options = options or DecodeOptions()
     references, hypotheses, paths, skipped, started = {}, {}, {}, 0, time.perf_counter()
     for batch, hyps in caption_batches(model, loader, tokenizer, device, options, progress=progress,
@@ -208,6 +228,10 @@ def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch
         skipped += batch.skipped
         for image_id, refs, path, per_image in zip(batch.image_ids, batch.captions, batch.paths, hyps):
             references[image_id], hypotheses[image_id], paths[image_id] = list(refs), per_image[0][0], str(path)
+    if dist is not None and dist.enabled:
+        shares = dist.gather((references, hypotheses, paths, skipped))
+        references, hypotheses, paths = ({k: v for share in shares for k, v in share[i].items()} for i in range(3))
+        skipped = sum(share[3] for share in shares)
     decode_seconds = time.perf_counter() - started
     if not hypotheses:
         raise CaptionerError("evaluation found no readable images")

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, \
@@ -31,6 +33,7 @@ from .data.factory import load_records
 from .data.sampling import EpochSampler
 from .data.transforms import TrainAugment
 from .decoding import DecodeOptions
+from .distributed import Distributed, init_distributed, shutdown_distributed
 from .engine import EpochTotals, NonFiniteLossError, evaluate, prepare_images, train_one_epoch, warmup_cosine
 from .feature_cache import PrefixFeatureCache
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
@@ -73,7 +76,8 @@ def split_records(cfg: RunConfig, split: str):
                         karpathy_json=d.karpathy_json)
 
 
-def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: bool, device: torch.device):
+def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: bool, device: torch.device,
+                dist: Distributed | None = None):
     """Training batches come in EpochSampler order (a function of seed and epoch, see data/sampling.py).
     The loader's own generator only seeds worker processes, so iterating never touches the global RNG,
     which a resumed run restores for dropout."""
@@ -81,23 +85,41 @@ def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: boo
     augment = TrainAugment(d.image_size) if train and d.augment else None
     dataset = CaptionDataset(records, d.image_size, augment=augment, cache_images=d.cache_images, strict=d.strict)
     collate = CaptionCollate(tokenizer if train else None, cfg.model.max_len, t.captions_per_image)
-    sampler = EpochSampler(len(dataset), t.seed, shuffle=train)
+    dist = dist or Distributed()
+    sampler = EpochSampler(len(dataset), t.seed, shuffle=train, rank=dist.rank, world_size=dist.world_size)
     return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
                       pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
                       generator=torch.Generator().manual_seed(t.seed))
 
 
-def calibrate_frozen_trunk(model, loader, device: torch.device, num_batches: int = 8) -> None:
+def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: torch.device, num_images: int = 128,
+                           chunk: int = 16) -> None:
     """Measure BatchNorm statistics for the frozen prefix of a randomly initialised trunk (see
-    ResNet18Trunk.calibrate_prefix). Uses the first few training batches; the data order RNG advances."""
+    ResNet18Trunk.calibrate_prefix) on the first `num_images` of epoch 0's order, in chunks of `chunk`: the same
+    images whatever the batch size or number of processes, so every process (and a single-process run with
+    the same global batch) gets identical statistics."""
+    order = EpochSampler(len(dataset), seed).order()[:num_images]
+
     def batches():
-        for i, batch in enumerate(loader):
-            if i >= num_batches:
-                break
-            if batch.images.shape[0]:
-                yield prepare_images(batch.images, device)
+        for start in range(0, len(order), chunk):
+            items = [dataset[i] for i in order[start : start + chunk]]
+            images = [item["image"] for item in items if item is not None]
+            if images:
+                yield prepare_images(torch.stack(images), device)
+
     model.encoder.calibrate_prefix(batches())
-    log.info("calibrated the frozen trunk's BatchNorm statistics on %d batches", num_batches)
+    log.info("calibrated the frozen trunk's BatchNorm statistics on %d images", len(order))
+
+
+class TrainStep(nn.Module):
+    """`model.forward_train` as a module's forward, which is what DistributedDataParallel wraps and syncs."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.forward_train(*args)
 
 
 class _Checkpointer:
@@ -109,8 +131,10 @@ class _Checkpointer:
     - log.jsonl is rewritten (atomically) from the epoch records stored in last.pt, so it always matches it.
     """
 
-    def __init__(self, out: Path, cfg: RunConfig, tokenizer: Tokenizer, steps_per_epoch: int):
+    def __init__(self, out: Path, cfg: RunConfig, tokenizer: Tokenizer, steps_per_epoch: int, is_main: bool = True):
+        """Only the main process (rank 0) writes; on the others every save is a no-op."""
         self.out, self.cfg, self.tokenizer, self.steps_per_epoch = out, cfg, tokenizer, steps_per_epoch
+        self.is_main = is_main
         self.every_steps, self.every_seconds = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes * 60
         self.last_saved = time.monotonic()
 
@@ -133,10 +157,13 @@ class _Checkpointer:
         return by_steps or by_time
 
     def save_last(self, payload: dict[str, Any]) -> None:
-        save_checkpoint(self.out / "last.pt", payload)
+        if self.is_main:
+            save_checkpoint(self.out / "last.pt", payload)
         self.last_saved = time.monotonic()
 
     def save_epoch(self, payload: dict[str, Any], is_best: bool) -> None:
+        if not self.is_main:
+            return
         if is_best:
             save_checkpoint(self.out / "best.pt", payload)
         self.save_last(payload)
@@ -213,7 +240,22 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
     A resumed run continues exactly where the checkpoint left off, mid-epoch included: same data order, same
     caption choices and augmentations, same RNG for dropout; with --deterministic on CPU it ends with the same
     weights, bit for bit, as a run that was never interrupted (tests/test_resume.py kills runs to check it).
+
+    Under torchrun every process runs this; each trains on its share of every batch (DistributedDataParallel),
+    decodes its share of the validation split, and rank 0 alone logs and writes the run folder. The checkpoint
+    format is the single-process one.
     """
+    dist, device_name = init_distributed(cfg.train.device)
+    try:
+        return _fit(cfg, resume, progress, dist, device_name)
+    finally:
+        shutdown_distributed()
+
+
+def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str) -> dict[str, Any]:
+    if not dist.is_main:
+        logging.getLogger("captioner").setLevel(logging.WARNING)
+        progress = False
     payload = load_checkpoint(resume) if resume else None
     if payload is not None:
         saved = RunConfig.from_dict(payload["config"], source=f"checkpoint {resume}")
@@ -222,9 +264,10 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
             setattr(saved.train, key, getattr(cfg.train, key))
         cfg = saved
     out = check_writable_folder(cfg.train.out)
-    for stale in remove_stale_temporaries(out):
-        log.info("removed %s, a checkpoint write interrupted by an earlier crash", stale)
-    device = resolve_device(cfg.train.device)
+    if dist.is_main:
+        for stale in remove_stale_temporaries(out):
+            log.info("removed %s, a checkpoint write interrupted by an earlier crash", stale)
+    device = resolve_device(device_name)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     train_records, val_records = split_records(cfg, "train"), split_records(cfg, "val")
@@ -232,26 +275,31 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
         val_records = val_records[: cfg.data.val_limit]
     if payload is not None:
         tokenizer = tokenizer_from_payload(payload)
-    else:
-        tokenizer = Tokenizer.train((c for r in train_records for c in r.captions), cfg.train.vocab_size)
+    else:  # trained once, by rank 0, and sent to the others
+        trained = None
+        if dist.is_main:
+            trained = Tokenizer.train((c for r in train_records for c in r.captions), cfg.train.vocab_size).model_bytes
+        tokenizer = Tokenizer(dist.broadcast(trained))
         cfg.model.vocab_size = tokenizer.vocab_size
-    cfg.save(out / "config.json")
-    log.info("train %d images, val %d images, vocabulary %d, device %s", len(train_records), len(val_records),
-             tokenizer.vocab_size, device)
+    if dist.is_main:
+        cfg.save(out / "config.json")
+    log.info("train %d images, val %d images, vocabulary %d, device %s%s", len(train_records), len(val_records),
+             tokenizer.vocab_size, device, f", {dist.world_size} processes" if dist.enabled else "")
 
     model = Captioner(cfg.model, load_encoder_weights=payload is None).to(device)
     model = model.to(memory_format=torch.channels_last)
-    train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device)
-    val_loader = make_loader(val_records, cfg, None, train=False, device=device)
+    train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device, dist=dist)
+    val_loader = make_loader(val_records, cfg, None, train=False, device=device, dist=dist)
+    sampler: EpochSampler = train_loader.sampler
     t = cfg.train
     optimizer = make_optimizer(model.param_groups(t.lr, t.encoder_lr, t.weight_decay), t.lr)
-    steps_per_epoch = math.ceil(len(train_records) / t.batch_size)
+    steps_per_epoch = math.ceil(sampler.per_process / t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(t.epochs * steps_per_epoch, max(1, int(t.warmup_epochs * steps_per_epoch))))
-    checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch)
+    checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
     if payload is None and cfg.model.encoder_weights == "none" and cfg.model.trainable_layers < 5:
-        calibrate_frozen_trunk(model, train_loader, device)
+        calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
     prefix_cache = None
     if cfg.model.trainable_layers < 5 and not cfg.data.augment and cfg.data.cache_images:
         prefix_cache = PrefixFeatureCache()
@@ -260,27 +308,34 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
         start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
                                                       out)
 
+    forward = None
+    if dist.enabled:  # after the checkpoint is restored: DDP sends rank 0's weights and buffers to all at start
+        forward = DistributedDataParallel(TrainStep(model), device_ids=[device.index] if device.type == "cuda" else None)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
-    sampler: EpochSampler = train_loader.sampler
     with StopSignals() as stop:
         for epoch in range(start_epoch, t.epochs + 1):
             started = time.time()
             totals = totals or EpochTotals()
-            sampler.set_epoch(epoch, start=min(totals.batches * t.batch_size, len(train_records)))
+            sampler.set_epoch(epoch, start=min(totals.batches * t.batch_size, sampler.per_process))
 
             def after_batch(so_far: EpochTotals, epoch: int = epoch) -> None:
-                if stop.received is not None or checkpointer.mid_epoch_due(so_far):
+                stopping = not dist.all_true(stop.received is None, device)  # all processes stop together
+                if stopping or checkpointer.mid_epoch_due(so_far):
                     checkpointer.save_last(checkpointer.payload(model, optimizer, scheduler, epoch, so_far, best,
                                                                 history))
+                if stopping:
+                    stop.received = stop.received or signal.SIGTERM
                 stop.raise_if_received(f"at epoch {epoch}, batch {so_far.batches} of {steps_per_epoch}", out)
 
             stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
                                     t.clip_grad, progress, prefix_cache, totals=totals, on_batch=after_batch,
-                                    nonfinite=t.on_nonfinite)
+                                    nonfinite=t.on_nonfinite, forward=forward, dist=dist)
+            if dist.enabled:  # the whole run's figures, not rank 0's share
+                stats = _summed_over_processes(totals, dist, device).summary()
             totals = None
             train_seconds = time.time() - started
             _check_finite_weights(model, epoch)
-            evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress)
+            evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress, dist=dist)
             metrics, captions = evaluation.metrics, evaluation.captions
             record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in metrics.items()},
                       "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
@@ -296,7 +351,14 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
                      metrics["Bleu_4"], " (best)" if is_best else "", record["images_per_second"],
                      record["example"])
             stop.raise_if_received(f"after epoch {epoch}", out)
-    return {"out": str(out), "best_bleu_4": best, "history": history}
+    return {"out": str(out), "best_bleu_4": best, "history": history, "rank": dist.rank}
+
+
+def _summed_over_processes(totals: EpochTotals, dist: Distributed, device: torch.device) -> EpochTotals:
+    loss_sum, bow_sum, tokens, images, skipped = dist.sum(
+        [totals.loss_sum, totals.bow_sum, totals.tokens, totals.images, totals.skipped_images], device)
+    return EpochTotals(loss_sum, bow_sum, int(tokens), int(images), totals.batches, totals.steps, int(skipped),
+                       totals.nonfinite_steps)
 
 
 def _restore(payload: dict[str, Any], path: str, model, optimizer, scheduler, steps_per_epoch: int, out: Path):

@@ -41,15 +41,23 @@ class EpochSampler(Sampler[ItemKey]):
     `set_epoch(e)` selects the order; `start` (in items, a multiple of the batch size when resuming) skips
     what an interrupted run already trained on. With `shuffle=False` the order is 0..n-1 (item seeds still
     differ per epoch).
+
+    Under torchrun, process `rank` of `world_size` takes every world_size-th item of the one global order
+    (padded by wrapping around so all processes get the same count), so the first batch of size b on each of
+    two processes holds the same 2b images as the first batch of size 2b of a single process.
     """
 
-    def __init__(self, num_items: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(self, num_items: int, seed: int, shuffle: bool = True, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside 0..{world_size - 1}")
         self.num_items, self.seed, self.shuffle = num_items, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.per_process = -(-num_items // world_size)  # ceil
         self.epoch, self.start = 1, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
-        if not 0 <= start <= self.num_items:
-            raise ValueError(f"start {start} outside 0..{self.num_items}")
+        if not 0 <= start <= self.per_process:
+            raise ValueError(f"start {start} outside 0..{self.per_process}")
         self.epoch, self.start = epoch, start
 
     def order(self) -> list[int]:
@@ -60,8 +68,10 @@ class EpochSampler(Sampler[ItemKey]):
         return torch.randperm(self.num_items, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[ItemKey]:
-        for index in self.order()[self.start:]:
+        order = self.order()
+        order += order[: self.per_process * self.world_size - len(order)]  # pad (world_size > 1 only)
+        for index in order[self.rank :: self.world_size][self.start :]:
             yield ItemKey(index, mix_seed(self.seed, self.epoch, index))
 
     def __len__(self) -> int:
-        return self.num_items - self.start
+        return self.per_process - self.start
