@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     add_train_arguments(sub.add_parser("train", help="train a captioner"))
+    add_train_arguments(sub.add_parser(
+        "extract-features", help="cache the frozen trunk's features on disk for the run `train` would start "
+        "with the same flags (train does this on its first epoch anyway)"))
 
     p = sub.add_parser("evaluate", help="decode a dataset split and score BLEU-1..4")
     p.add_argument("--checkpoint", required=True)
@@ -89,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .benchmarks.decode import add_arguments as add_decode_benchmark_arguments
 
     add_decode_benchmark_arguments(kinds.add_parser("decode", help="captions/s: batched, cached search vs naive"))
+    from .benchmarks.train import add_arguments as add_train_benchmark_arguments
+
+    add_train_benchmark_arguments(kinds.add_parser("train", help="training images/s: from JPEG, from cached features, "
+                                                   "vs a plain fp32 baseline"))
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> caption, on CPU in a few minutes")
     p.add_argument("--out", default="runs/demo")

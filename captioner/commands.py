@@ -15,7 +15,7 @@ from .decoding import DecodeOptions
 from .engine import caption_batches, evaluate as evaluate_loader
 from .errors import CaptionerError
 from .report import write_coco_results, write_error_report, write_per_image_scores
-from .training import fit, resolve_device
+from .training import existing_feature_store, fit, resolve_device
 
 
 def split_records(args) -> list[ImageRecord]:
@@ -37,6 +37,16 @@ def decode_options(args) -> DecodeOptions:
         raise CaptionerError(f"decoding flags: {exc}") from None
 
 
+def extract_features(args) -> int:
+    """Fill the frozen-prefix feature cache of the run `train` would start with the same flags."""
+    from .train_cli import config_from_args
+
+    result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress, extract_only=True)
+    if result.pop("rank") == 0:
+        print(json.dumps(result))
+    return 0
+
+
 def train(args) -> int:
     from .train_cli import config_from_args
 
@@ -52,6 +62,7 @@ def evaluate(args) -> int:
     model, tokenizer, cfg = load_model(args.checkpoint, device)
     records = split_records(args)
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
+    loader.dataset.features = existing_feature_store(cfg, model, records, device)  # skips cached images' JPEGs
     evaluation = evaluate_loader(model, loader, tokenizer, device, options, progress=sys.stderr.isatty(),
                                  metrics=args.metrics)
     metrics = dict(evaluation.metrics, checkpoint=str(args.checkpoint), dataset=args.dataset,
@@ -115,9 +126,9 @@ def bleu_bench(args) -> int:
 
 
 def benchmark(args) -> int:
-    from .benchmarks.decode import run_from_args
+    from .benchmarks import decode, train
 
-    return run_from_args(args)
+    return {"decode": decode, "train": train}[args.benchmark].run_from_args(args)
 
 
 def demo(args) -> int:

@@ -39,6 +39,7 @@ class DataConfig:
     image_size: int = 128
     augment: bool = False
     cache_images: bool = True
+    feature_cache: str = "auto"  # frozen-prefix features on disk: auto (RUN/feature_cache) | off | a folder
     val_limit: int = 0  # 0 = whole validation split
     strict: bool = False
 
@@ -48,6 +49,7 @@ class TrainConfig:
     out: str = "runs/default"
     epochs: int = 10
     batch_size: int = 16
+    accumulate: int = 1  # batches whose gradients are summed per update (effective batch = batch_size x this)
     captions_per_image: int = 2  # captions sampled per image per step (0 = all); the decoder's cost scales with it
     lr: float = 1e-3
     encoder_lr: float = 0.0  # 0 = same as lr
@@ -63,6 +65,7 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every: int = 0  # also write last.pt every N batches inside an epoch (0 = off)
     checkpoint_minutes: float = 10.0  # ... and whenever this many minutes passed since the last write (0 = off)
+    compile: bool = False  # torch.compile the training forward (trunk, bridge, decoder)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
 
 

@@ -17,6 +17,7 @@ from .data.transforms import normalize
 from .decoding import DecodeOptions, Hypothesis, decode
 from .distributed import Distributed
 from .errors import CaptionerError
+from .feature_cache import prefix_features
 from .scoring import score_captions
 from .models.lstm import doubly_stochastic_penalty
 from .text import PAD_ID, Tokenizer
@@ -71,15 +72,27 @@ class EpochTotals:
                 "nonfinite_steps": self.nonfinite_steps}
 
 
+def _nonfinite(policy: str, what: str, epoch: int, totals: EpochTotals, caption_loss, bow_loss) -> None:
+    """A NaN/inf loss or gradient norm: raise (policy "stop") or count it (policy "skip")."""
+    if policy == "stop":
+        raise NonFiniteLossError(
+            f"non-finite {what} at epoch {epoch}, batch {totals.batches}: caption loss {caption_loss.item()}, "
+            f"bag-of-words loss {bow_loss.item()} (running caption loss {totals.loss_sum / max(totals.tokens, 1):.4f}); "
+            "stopping before it reaches a checkpoint. Try a lower --lr or --clip-grad, or --on-nonfinite skip."
+        )
+    totals.nonfinite_steps += 1
+
+
 def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device: torch.device, epoch: int,
                     label_smoothing: float = 0.0, clip_grad: float = 0.0, progress: bool = True,
-                    prefix_cache=None, totals: EpochTotals | None = None,
+                    feature_store=None, totals: EpochTotals | None = None,
                     on_batch: Callable[[EpochTotals], None] | None = None, nonfinite: str = "stop",
-                    forward: Callable[..., Any] | None = None, dist: Distributed | None = None) -> dict[str, Any]:
+                    forward: Callable[..., Any] | None = None, dist: Distributed | None = None,
+                    amp: bool = True, accumulate: int = 1) -> dict[str, Any]:
     """One pass over `loader` (which may start mid-epoch; `totals` then holds the sums so far).
 
-    `prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its first
-    computation; only valid when images are not augmented. `on_batch(totals)` runs after every batch, when the
+    `feature_store` (a FeatureStore) receives the frozen trunk prefix's output for images that come as pixels;
+    items it already holds come as features (see encode_prefix). Only valid when images are not augmented. `on_batch(totals)` runs after every batch, when the
     model and optimizer are in a consistent state (training saves mid-epoch checkpoints there).
     `nonfinite`: "stop" raises NonFiniteLossError at a NaN/inf loss or gradient norm; "skip" drops that update
     (weights and optimizer state untouched, the schedule moves on) and counts it.
@@ -87,6 +100,12 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     Under torchrun, `forward` is the DistributedDataParallel-wrapped `model.forward_train` and `dist` the process
     group: every caption token and every image weighs the same whichever process it landed on (losses are
     normalised by the global counts), so N processes with batch b train like one process with batch N*b.
+    `amp=False` keeps CUDA in fp32 (the benchmark's baseline); on CPU training is fp32 anyway.
+
+    `accumulate` K > 1 sums the gradients of K consecutive batches (each loss divided by its group's size) and
+    updates once per group: the update of one K-times-larger batch without its memory. `on_batch` then runs at
+    group boundaries only, where no gradient is pending, so checkpoints and stops stay exact. The scheduler
+    steps once per update; `len(loader)` must be defined.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -95,81 +114,100 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     dist = dist or Distributed()
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
+    last_batch = totals.batches + len(loader) if accumulate > 1 else None  # closes the epoch's last, short group
+    pending, group_has_images = 0, False  # micro-batches with gradients not yet applied; any images this group
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
         totals.batches += 1
         totals.skipped_images += batch.skipped
+        group_start = (totals.batches - 1) // accumulate * accumulate + 1
+        group_size = accumulate if last_batch is None else min(accumulate, last_batch - group_start + 1)
+        closes_group = totals.batches - group_start + 1 == group_size
         n_images, n_tokens = batch.images.shape[0], int((batch.targets != PAD_ID).sum())
         global_images, global_tokens = dist.sum([n_images, n_tokens], device) if dist.enabled else (n_images, n_tokens)
-        if n_images == 0:
-            if global_images > 0:
-                raise CaptionerError(f"every image of batch {totals.batches} on process {dist.rank} was unreadable "
-                                     "while other processes had images; multi-process training cannot skip it")
-            if on_batch is not None:
-                on_batch(totals)
+        if n_images == 0 and global_images > 0:
+            raise CaptionerError(f"every image of batch {totals.batches} on process {dist.rank} was unreadable "
+                                 "while other processes had images; multi-process training cannot skip it")
+        if n_images > 0:
+            group_has_images = True
+            batch = batch.to(device)
+            # A skipped batch must leave no trace, but the forward pass itself updates BatchNorm running statistics
+            # (NaN ones, if the trunk overflowed): keep a copy of the buffers (small) to put back.
+            buffers = [b.detach().clone() for b in model.buffers()] if nonfinite == "skip" else None
+            # Gradients of a group's micro-batches add up locally; processes exchange them once, at its last.
+            sync = nullcontext() if closes_group or not dist.enabled else forward.no_sync()
+            with sync:
+                with autocast_for(device) if amp else nullcontext():
+                    images = prepare_images(batch.images, device)
+                    prefix = encode_prefix(model, batch, images, feature_store)
+                    out = forward(images, batch.tokens_in, batch.caption_image_index, prefix)
+                    caption_loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.flatten(),
+                                                   ignore_index=PAD_ID, label_smoothing=label_smoothing)  # batch mean
+                    bow_loss = torch.zeros((), device=device)
+                    if out.bow_logits is not None:
+                        bow_loss = bag_of_words_loss(out.bow_logits, batch.bow_targets)
+                    # Local means -> shares of the global means (factors are exactly 1 in a single process);
+                    # DDP then averages gradients over the world_size processes.
+                    token_share = n_tokens * dist.world_size / global_tokens
+                    image_share = n_images * dist.world_size / global_images
+                    loss = caption_loss * token_share + model.cfg.bow_weight * bow_loss * image_share
+                    if out.attention is not None and model.cfg.attention_reg > 0:
+                        loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
+                                                                                          batch.targets != PAD_ID)
+                if dist.all_true(bool(torch.isfinite(loss)), device):
+                    (loss / group_size).backward()
+                    pending += 1
+                    step_caption_loss = caption_loss.item()
+                    totals.loss_sum += step_caption_loss * n_tokens
+                    totals.bow_sum += bow_loss.item() * n_images
+                    totals.tokens += n_tokens
+                    totals.images += n_images
+                    bar.set_postfix(loss=f"{step_caption_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+                else:
+                    _nonfinite(nonfinite, "loss", epoch, totals, caption_loss, bow_loss)
+                    with torch.no_grad():
+                        for buffer, saved in zip(model.buffers(), buffers):
+                            buffer.copy_(saved)
+        if not closes_group:
             continue
-        batch = batch.to(device)
-        # A skipped step must leave no trace, but the forward pass itself updates BatchNorm running statistics
-        # (NaN ones, if the trunk overflowed): keep a copy of the buffers (small) to put back.
-        buffers = [b.detach().clone() for b in model.buffers()] if nonfinite == "skip" else None
-        with autocast_for(device):
-            images = prepare_images(batch.images, device)
-            prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
-            out = forward(images, batch.tokens_in, batch.caption_image_index, prefix)
-            caption_loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.flatten(),
-                                           ignore_index=PAD_ID, label_smoothing=label_smoothing)  # this batch's mean
-            bow_loss = torch.zeros((), device=device)
-            if out.bow_logits is not None:
-                bow_loss = bag_of_words_loss(out.bow_logits, batch.bow_targets)
-            # Local means -> shares of the global means (factors are exactly 1 in a single process); DDP then
-            # averages gradients over the world_size processes.
-            token_share = n_tokens * dist.world_size / global_tokens
-            image_share = n_images * dist.world_size / global_images
-            loss = caption_loss * token_share + model.cfg.bow_weight * bow_loss * image_share
-            if out.attention is not None and model.cfg.attention_reg > 0:
-                loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
-                                                                                  batch.targets != PAD_ID)
-        optimizer.zero_grad(set_to_none=True)
-        grad_norm = None
-        if dist.all_true(bool(torch.isfinite(loss)), device):
-            loss.backward()
+        if pending:
             # Clipping at infinity still returns the norm, which is how a non-finite gradient is caught.
             grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else float("inf"))
-        if grad_norm is None or not torch.isfinite(grad_norm):
-            what = "loss" if grad_norm is None else "gradient norm"
-            if nonfinite == "stop":
-                raise NonFiniteLossError(
-                    f"non-finite {what} at epoch {epoch}, batch {totals.batches}: caption loss {caption_loss.item()}, "
-                    f"bag-of-words loss {bow_loss.item()} (running caption loss "
-                    f"{totals.loss_sum / max(totals.tokens, 1):.4f}); stopping before it reaches a checkpoint. "
-                    "Try a lower --lr or --clip-grad, or --on-nonfinite skip."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buffer, saved in zip(model.buffers(), buffers):
-                    buffer.copy_(saved)
-            scheduler.step()
-            totals.nonfinite_steps += 1
-            if on_batch is not None:
-                on_batch(totals)
-            continue
-        optimizer.step()
-        scheduler.step()
-        step_caption_loss = caption_loss.item()
-        totals.loss_sum += step_caption_loss * n_tokens
-        totals.bow_sum += bow_loss.item() * batch.images.shape[0]
-        totals.tokens += n_tokens
-        totals.images += n_images
-        totals.steps += 1
-        bar.set_postfix(loss=f"{step_caption_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
+            if torch.isfinite(grad_norm):
+                optimizer.step()
+                totals.steps += 1
+            else:
+                _nonfinite(nonfinite, "gradient norm", epoch, totals, caption_loss, bow_loss)
+        optimizer.zero_grad(set_to_none=True)
+        if group_has_images:
+            scheduler.step()  # the schedule counts updates, skipped ones included, so it ends where planned
+        pending, group_has_images = 0, False
         if on_batch is not None:
             on_batch(totals)
     return totals.summary()
 
 
+def encode_prefix(model, batch: Batch, images: torch.Tensor, feature_store=None) -> torch.Tensor | None:
+    """The frozen trunk prefix's output for `batch` (stored rows from the FeatureStore, the others computed and
+    stored), or None when there is no store and no stored features: the model then runs its whole trunk."""
+    if feature_store is None and batch.features is None:
+        return None
+    return prefix_features(model.encoder, images, batch.features, batch.has_features, batch.indices, feature_store)
+
+
+def encode_batch(model, batch: Batch, device: torch.device, feature_store=None) -> torch.Tensor:
+    """Memory tokens (B, N, D) for a batch of pixels and/or stored prefix features."""
+    images = prepare_images(batch.images, device)
+    prefix = encode_prefix(model, batch, images, feature_store)
+    if prefix is None:
+        return model.encode(images)
+    return model.bridge(model.encoder.forward_suffix(prefix))
+
+
 @torch.inference_mode()
 def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
-                    options: DecodeOptions | None = None, progress: bool = False, desc: str = "captioning"):
+                    options: DecodeOptions | None = None, progress: bool = False, desc: str = "captioning",
+                    feature_store=None):
     """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
     options = options or DecodeOptions()
     model.eval()
@@ -178,7 +216,7 @@ def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device
             yield batch, []
             continue
         with autocast_for(device):
-            memory = model.encode(prepare_images(batch.images, device))  # (B, N, D)
+            memory = encode_batch(model, batch.to(device), device, feature_store)  # (B, N, D)
             hyps: list[list[Hypothesis]] = decode(model, memory, options)
         yield batch, [[(tokenizer.decode(h.tokens), h.score) for h in per_image] for per_image in hyps]
 
@@ -215,7 +253,7 @@ class Evaluation:
 
 def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
              options: DecodeOptions | None = None, progress: bool = False, metrics: str = "bleu",
-             dist: Distributed | None = None) -> Evaluation:
+             dist: Distributed | None = None, feature_store=None) -> Evaluation:
     """Decode every image (real decoding, not teacher forcing) and score the best hypothesis of each against
     all its references: BLEU-1..4, plus CIDEr-D, ROUGE-L and METEOR with metrics="all".
 
@@ -224,7 +262,7 @@ def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch
     options = options or DecodeOptions()
     references, hypotheses, paths, skipped, started = {}, {}, {}, 0, time.perf_counter()
     for batch, hyps in caption_batches(model, loader, tokenizer, device, options, progress=progress,
-                                       desc="evaluating"):
+                                       desc="evaluating", feature_store=feature_store):
         skipped += batch.skipped
         for image_id, refs, path, per_image in zip(batch.image_ids, batch.captions, batch.paths, hyps):
             references[image_id], hypotheses[image_id], paths[image_id] = list(refs), per_image[0][0], str(path)

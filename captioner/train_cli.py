@@ -19,6 +19,7 @@ TRAIN_FLAGS = {
     "--image-size": ("data", "image_size", int),
     "--augment": ("data", "augment", "bool"),
     "--cache-images": ("data", "cache_images", "bool"),
+    "--feature-cache": ("data", "feature_cache", str),
     "--val-limit": ("data", "val_limit", int),
     "--strict": ("data", "strict", "bool"),
     "--encoder-weights": ("model", "encoder_weights", str),
@@ -36,6 +37,7 @@ TRAIN_FLAGS = {
     "--out": ("train", "out", str),
     "--epochs": ("train", "epochs", int),
     "--batch-size": ("train", "batch_size", int),
+    "--accumulate": ("train", "accumulate", int),
     "--captions-per-image": ("train", "captions_per_image", int),
     "--lr": ("train", "lr", float),
     "--encoder-lr": ("train", "encoder_lr", float),
@@ -52,6 +54,7 @@ TRAIN_FLAGS = {
     "--checkpoint-every": ("train", "checkpoint_every", int),
     "--checkpoint-minutes": ("train", "checkpoint_minutes", float),
     "--on-nonfinite": ("train", "on_nonfinite", str),
+    "--compile": ("train", "compile", "bool"),
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),

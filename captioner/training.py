@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, \
     set_rng_state, tokenizer_from_payload, tokenizer_payload
@@ -34,8 +35,9 @@ from .data.sampling import EpochSampler
 from .data.transforms import TrainAugment
 from .decoding import DecodeOptions
 from .distributed import Distributed, init_distributed, shutdown_distributed
-from .engine import EpochTotals, NonFiniteLossError, evaluate, prepare_images, train_one_epoch, warmup_cosine
-from .feature_cache import PrefixFeatureCache
+from .engine import EpochTotals, NonFiniteLossError, encode_prefix, evaluate, prepare_images, train_one_epoch, \
+    warmup_cosine
+from .feature_cache import FeatureStore, records_digest, tensors_digest
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
 from .text import Tokenizer
@@ -234,7 +236,7 @@ def _check_finite_weights(model, epoch: int) -> None:
                                  f"(first: {bad[0]}); the previous checkpoints are left as they were")
 
 
-def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
+def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extract_only: bool = False) -> dict[str, Any]:
     """Train per `cfg`; with `resume`, continue from that checkpoint (its config wins for model and data).
 
     A resumed run continues exactly where the checkpoint left off, mid-epoch included: same data order, same
@@ -247,12 +249,13 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
     """
     dist, device_name = init_distributed(cfg.train.device)
     try:
-        return _fit(cfg, resume, progress, dist, device_name)
+        return _fit(cfg, resume, progress, dist, device_name, extract_only)
     finally:
         shutdown_distributed()
 
 
-def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str) -> dict[str, Any]:
+def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str,
+         extract_only: bool = False) -> dict[str, Any]:
     if not dist.is_main:
         logging.getLogger("captioner").setLevel(logging.WARNING)
         progress = False
@@ -292,25 +295,30 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     val_loader = make_loader(val_records, cfg, None, train=False, device=device, dist=dist)
     sampler: EpochSampler = train_loader.sampler
     t = cfg.train
+    if t.accumulate < 1:
+        raise CaptionerError(f"--accumulate must be at least 1, got {t.accumulate}")
     optimizer = make_optimizer(model.param_groups(t.lr, t.encoder_lr, t.weight_decay), t.lr)
-    steps_per_epoch = math.ceil(sampler.per_process / t.batch_size)
+    steps_per_epoch = math.ceil(sampler.per_process / t.batch_size)  # batches; updates: / accumulate
+    updates_per_epoch = math.ceil(steps_per_epoch / t.accumulate)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(t.epochs * steps_per_epoch, max(1, int(t.warmup_epochs * steps_per_epoch))))
+        optimizer, warmup_cosine(t.epochs * updates_per_epoch, max(1, int(t.warmup_epochs * updates_per_epoch))))
     checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
     if payload is None and cfg.model.encoder_weights == "none" and cfg.model.trainable_layers < 5:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
-    prefix_cache = None
-    if cfg.model.trainable_layers < 5 and not cfg.data.augment and cfg.data.cache_images:
-        prefix_cache = PrefixFeatureCache()
     start_epoch, best, history, totals = 1, float("-inf"), [], None
     if payload is not None:
         start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
                                                       out)
 
+    stores = attach_feature_stores(cfg, model, {"train": train_loader, "val": val_loader}, out, device, dist)
+    if extract_only:
+        return _extract(model, {"train": train_loader, "val": val_loader}, stores, device, dist, progress)
     forward = None
     if dist.enabled:  # after the checkpoint is restored: DDP sends rank 0's weights and buffers to all at start
         forward = DistributedDataParallel(TrainStep(model), device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:  # the training forward only; decoding steps stay eager (their shapes change every step)
+        forward = torch.compile(forward or model.forward_train, dynamic=True)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
     with StopSignals() as stop:
         for epoch in range(start_epoch, t.epochs + 1):
@@ -328,14 +336,17 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                 stop.raise_if_received(f"at epoch {epoch}, batch {so_far.batches} of {steps_per_epoch}", out)
 
             stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
-                                    t.clip_grad, progress, prefix_cache, totals=totals, on_batch=after_batch,
-                                    nonfinite=t.on_nonfinite, forward=forward, dist=dist)
+                                    t.clip_grad, progress, stores.get("train"), totals=totals, on_batch=after_batch,
+                                    nonfinite=t.on_nonfinite, forward=forward, dist=dist, accumulate=t.accumulate)
             if dist.enabled:  # the whole run's figures, not rank 0's share
                 stats = _summed_over_processes(totals, dist, device).summary()
             totals = None
             train_seconds = time.time() - started
             _check_finite_weights(model, epoch)
-            evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress, dist=dist)
+            evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress, dist=dist,
+                                  feature_store=stores.get("val"))
+            for store in stores.values():
+                store.flush()
             metrics, captions = evaluation.metrics, evaluation.captions
             record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in metrics.items()},
                       "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
@@ -352,6 +363,85 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                      record["example"])
             stop.raise_if_received(f"after epoch {epoch}", out)
     return {"out": str(out), "best_bleu_4": best, "history": history, "rank": dist.rank}
+
+
+def feature_cache_folder(cfg: RunConfig, out: Path) -> Path | None:
+    """Where frozen-prefix features are cached, or None when they cannot be (nothing frozen, or augmented
+    images, whose features differ every epoch) or the user turned the cache off."""
+    setting = cfg.data.feature_cache
+    if setting == "off" or cfg.model.trainable_layers >= 5 or cfg.data.augment:
+        return None
+    return out / "feature_cache" if setting == "auto" else Path(setting)
+
+
+def open_feature_store(cfg: RunConfig, model, records, folder: Path, device: torch.device,
+                       create: bool = True) -> FeatureStore:
+    """The FeatureStore of `records` for this model's frozen prefix, keyed by the prefix's weights and BatchNorm
+    statistics (after calibration or a resume), the trunk split, the image size and the split's files."""
+    size = cfg.data.image_size
+    with torch.no_grad():
+        probe = model.encoder.forward_prefix(torch.zeros(1, 3, size, size, device=device))  # (1, C, h, w)
+    key = {"prefix": tensors_digest(model.encoder.prefix.state_dict()), "trainable_layers": cfg.model.trainable_layers,
+           "image_size": size, "records": records_digest(records)}
+    return FeatureStore.open(folder, key, len(records), probe.shape[1:], create=create)
+
+
+def existing_feature_store(cfg: RunConfig, model, records, device: torch.device) -> FeatureStore | None:
+    """The store the training run of this checkpoint filled for these very images, if there is one (what lets
+    `evaluate` skip the JPEGs of a validation split the run already cached)."""
+    folder = feature_cache_folder(cfg, Path(cfg.train.out))
+    if folder is None or not folder.is_dir():
+        return None
+    try:
+        store = open_feature_store(cfg, model, records, folder, device, create=False)
+    except FileNotFoundError:
+        return None
+    log.info("using cached features from %s (%d of %d images)", store.folder, len(store), len(records))
+    return store
+
+
+def attach_feature_stores(cfg: RunConfig, model, loaders: dict[str, DataLoader], out: Path, device: torch.device,
+                          dist: Distributed) -> dict[str, FeatureStore]:
+    """One FeatureStore per split (see open_feature_store), attached to the split's dataset. Under torchrun
+    rank 0 creates them and the others open them after a barrier."""
+    folder = feature_cache_folder(cfg, out)
+    if folder is None:
+        return {}
+    stores = {}
+    for split, loader in loaders.items():
+        dataset = loader.dataset
+        if dist.is_main:
+            store = open_feature_store(cfg, model, dataset.records, folder, device)
+        dist.barrier()
+        if not dist.is_main:
+            store = open_feature_store(cfg, model, dataset.records, folder, device, create=False)
+        dataset.features = store
+        dataset.cache_images = False  # pixels are needed once, for the features; no point keeping them
+        stores[split] = store
+        log.info("%s features: %s (%d of %d images cached)", split, store.folder, len(store), len(dataset))
+    return stores
+
+
+def _extract(model, loaders: dict[str, DataLoader], stores: dict[str, FeatureStore], device: torch.device,
+             dist: Distributed, progress: bool) -> dict[str, Any]:
+    """`captioner extract-features`: fill every split's store (each process its share), without training."""
+    if not stores:
+        raise CaptionerError("nothing to cache: feature caching needs --trainable-layers below 5, no --augment, "
+                             "and --feature-cache not 'off'")
+    started = time.time()
+    model.eval()
+    with torch.inference_mode():
+        for split, loader in loaders.items():
+            loader.sampler.set_epoch(1)
+            for batch in tqdm(loader, desc=f"features {split}", disable=None if progress else True, leave=False):
+                if batch.images.shape[0]:
+                    batch = batch.to(device)
+                    encode_prefix(model, batch, prepare_images(batch.images, device), stores[split])
+            stores[split].flush()
+    dist.barrier()
+    return {"rank": dist.rank, "seconds": round(time.time() - started, 2),
+            **{split: {"folder": str(s.folder), "cached": len(s), "images": s.meta["num_items"]}
+               for split, s in stores.items()}}
 
 
 def _summed_over_processes(totals: EpochTotals, dist: Distributed, device: torch.device) -> EpochTotals:

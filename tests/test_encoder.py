@@ -33,3 +33,14 @@ def test_missing_or_foreign_weights_file_is_a_clear_error(tmp_path):
     torch.save({"something": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(WeightsUnavailableError, match="not a ResNet18 state dict"):
         ResNet18Trunk(str(tmp_path / "other.pth"))
+
+
+def test_frozen_prefix_statistics_never_move_outside_calibration():
+    from captioner.models.encoder import ResNet18Trunk
+
+    trunk = ResNet18Trunk("none", trainable_layers=2)
+    before = {k: v.clone() for k, v in trunk.prefix.state_dict().items()}
+    trunk.forward_prefix(torch.randn(2, 3, 64, 64))  # straight after construction
+    trunk.train()
+    trunk(torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in trunk.prefix.state_dict().items())

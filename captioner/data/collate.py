@@ -27,15 +27,18 @@ class Batch:
     captions: list[list[str]]  # raw references per image
     image_ids: list[Any]
     paths: list[str]
-    indices: list[int]  # dataset index of each image (keys of in-memory feature caches)
+    indices: list[int]  # dataset index of each image (its row in the feature cache)
     skipped: int  # items in this batch whose image could not be read
     bow_targets: torch.Tensor | None = None  # (B, V) 1.0 where the token occurs in any caption of the image
+    features: torch.Tensor | None = None  # (B, C, h, w) fp16 frozen-prefix features from a FeatureStore, 0 where absent
+    has_features: torch.Tensor | None = None  # (B,) bool: which rows of `features` are real (their images are zeros)
 
     def to(self, device: torch.device) -> "Batch":
         move = dict(device=device, non_blocking=True)
+        maybe = lambda t: None if t is None else t.to(**move)  # noqa: E731
         return Batch(self.images.to(**move), self.tokens_in.to(**move), self.targets.to(**move),
-                     self.caption_image_index.to(**move), self.captions, self.image_ids, self.paths, self.indices, self.skipped,
-                     None if self.bow_targets is None else self.bow_targets.to(**move))
+                     self.caption_image_index.to(**move), self.captions, self.image_ids, self.paths, self.indices,
+                     self.skipped, maybe(self.bow_targets), maybe(self.features), maybe(self.has_features))
 
 
 class CaptionCollate:
@@ -58,7 +61,7 @@ class CaptionCollate:
     def __call__(self, items: Sequence[dict | None]) -> Batch:
         good = [it for it in items if it is not None]
         skipped = len(items) - len(good)
-        images = torch.stack([it["image"] for it in good]) if good else torch.empty(0, 3, 1, 1, dtype=torch.uint8)
+        images, features, has_features = _stack_pixels_and_features(good)
         rows, owners, bow = [], [], None
         if self.tokenizer is not None:
             bow = torch.zeros(len(good), self.tokenizer.vocab_size)
@@ -79,4 +82,22 @@ class CaptionCollate:
             targets[i, len(ids)] = EOS_ID
         return Batch(images, tokens_in, targets, torch.tensor(owners, dtype=torch.long),
                      [list(it["captions"]) for it in good], [it["image_id"] for it in good],
-                     [it["path"] for it in good], [it["index"] for it in good], skipped, bow)
+                     [it["path"] for it in good], [it["index"] for it in good], skipped, bow, features, has_features)
+
+
+def _stack_pixels_and_features(items: Sequence[dict]):
+    """-> images (B, 3, S, S) uint8, features (B, C, h, w) fp16 or None, has_features (B,) bool or None.
+
+    Items from a FeatureStore carry features instead of pixels; a batch may mix both (epoch 1 of a partly
+    filled cache). Missing rows are zeros: images of featured rows, features of pixel rows."""
+    if not items:
+        return torch.empty(0, 3, 1, 1, dtype=torch.uint8), None, None
+    featured = [it.get("features") is not None for it in items]
+    pixels = [it["image"] for it in items if it["image"] is not None]
+    blank = torch.zeros_like(pixels[0]) if pixels else torch.zeros(3, 1, 1, dtype=torch.uint8)
+    images = torch.stack([blank if it["image"] is None else it["image"] for it in items])
+    if not any(featured):
+        return images, None, None
+    template = next(it["features"] for it in items if it.get("features") is not None)
+    features = torch.stack([it["features"] if f else torch.zeros_like(template) for it, f in zip(items, featured)])
+    return images, features, torch.tensor(featured)

@@ -39,6 +39,9 @@ class CaptionDataset(Dataset):
     read, so JPEGs are decoded once per run instead of once per epoch; augmentation runs after the cache,
     so it still differs per epoch. The cache lives in the process that reads: use num_workers=0, or
     persistent_workers=True (otherwise workers, and their caches, are rebuilt every epoch).
+
+    With `features` set to a FeatureStore, an item whose frozen-prefix features are stored comes with
+    `features` (fp16 (C, h, w)) and image None, without opening its file.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class CaptionDataset(Dataset):
         self.cache_images = cache_images
         self.strict = strict
         self.failed_paths: list[str] = []
+        self.features = None  # a FeatureStore (feature_cache.py): items it holds come as features, not pixels
         self._cache: dict[int, torch.Tensor] = {}
 
     def __len__(self) -> int:
@@ -66,6 +70,9 @@ class CaptionDataset(Dataset):
         index, seed = (key.index, key.seed) if isinstance(key, ItemKey) else (key, None)
         index = range(len(self.records))[index]  # IndexError out of range; -1 shares index n-1's cache slot
         record = self.records[index]
+        if self.features is not None and self.features.has(index):  # no JPEG decoded at all
+            return {"image": None, "features": self.features.get(index), "captions": list(record.captions),
+                    "image_id": record.image_id, "path": str(record.path), "index": index, "seed": seed}
         image = self._image(index, record)
         if image is None:
             return None

@@ -85,6 +85,7 @@ class ResNet18Trunk(nn.Module):
         self.prefix = nn.Sequential(*(stages[name] for name in STAGES[:split]))  # frozen
         self.suffix = nn.Sequential(*(stages[name] for name in STAGES[split:]))  # trained
         self.prefix.requires_grad_(False)
+        self.prefix.eval()  # from the start: a forward before .train()/.eval() must not move its BatchNorm statistics
         self.trainable_layers = trainable_layers
 
     def train(self, mode: bool = True) -> "ResNet18Trunk":
