@@ -71,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     _add_decoding_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--attention", default="", metavar="OUT_DIR",
+                   help="also write OUT_DIR/<image>.png: the image and, per word of the best caption, where the "
+                        "decoder looked")
+    p.add_argument("--attention-layer", type=int, default=-1,
+                   help="Transformer decoder layer whose cross-attention (averaged over heads) is drawn (-1 = last)")
 
     p = sub.add_parser("make-synthetic", help="write a synthetic scenes dataset in COCO caption format")
     p.add_argument("out")

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
 from .checkpoint import load_model
 from .data.factory import evaluation_loader, load_records
-from .data.images import list_images
+from .data.images import list_images, load_image
 from .data.records import ImageRecord
 from .decoding import DecodeOptions
-from .engine import caption_batches, evaluate as evaluate_loader
+from .engine import decode_batches, evaluate as evaluate_loader
 from .errors import CaptionerError
 from .report import write_coco_results, write_error_report, write_per_image_scores
 from .training import fit, resolve_device
@@ -75,6 +76,8 @@ def evaluate(args) -> int:
 
 
 def caption(args) -> int:
+    from . import visualize
+
     options = decode_options(args)
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_model(args.checkpoint, device)
@@ -84,15 +87,25 @@ def caption(args) -> int:
         raise CaptionerError(str(exc)) from None
     if not paths:
         raise CaptionerError(f"no images found in {' '.join(args.paths)}")
+    figures, used_names = None, set()
+    if args.attention:
+        options = replace(options, attention_layer=visualize.check_attention_layer(model, args.attention_layer))
+        figures = Path(args.attention)
+        figures.mkdir(parents=True, exist_ok=True)
     records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
-    for batch, hyps in caption_batches(model, loader, tokenizer, device, options):
+    for batch, hyps in decode_batches(model, loader, device, options):
         for path, per_image in zip(batch.paths, hyps):
+            entry = {"path": path, "captions": [{"caption": tokenizer.decode(h.tokens), "score": round(h.score, 4)}
+                                                for h in per_image]}
+            if figures is not None:  # the best caption's attention, drawn over the image as the user gave it
+                figure = visualize.figure_path(figures, path, used_names)
+                figure.write_bytes(visualize.attention_png(load_image(path), tokenizer, per_image[0]))
+                entry["attention"] = str(figure)
             if args.json:
-                entries = [{"caption": text, "score": round(score, 4)} for text, score in per_image]
-                print(json.dumps({"path": path, "captions": entries}), flush=True)
+                print(json.dumps(entry), flush=True)
             else:
-                print(f"{path}\t{per_image[0][0]}", flush=True)
+                print(f"{path}\t{entry['captions'][0]['caption']}", flush=True)
     failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
     if failed:
         print(f"captioner caption: {len(failed)} of {len(paths)} image(s) could not be read", file=sys.stderr)

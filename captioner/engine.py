@@ -96,18 +96,29 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
 
 
 @torch.inference_mode()
-def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
-                    options: DecodeOptions | None = None, progress: bool = False, desc: str = "captioning"):
-    """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
-    options = options or DecodeOptions()
+def decode_images(model, images_uint8: torch.Tensor, device: torch.device,
+                  options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
+    """uint8 images (B, 3, S, S) -> per image its hypotheses, best first (the model must be in eval mode)."""
+    with autocast_for(device):
+        memory = model.encode(prepare_images(images_uint8, device))  # (B, N, D)
+        return decode(model, memory, options or DecodeOptions())
+
+
+def decode_batches(model, loader: Iterable[Batch], device: torch.device, options: DecodeOptions | None = None,
+                   progress: bool = False, desc: str = "captioning"):
+    """Yield (batch, hypotheses per image, best first): token ids, scores and, when asked for, attention."""
     model.eval()
     for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True):
         if batch.images.shape[0] == 0:
             yield batch, []
             continue
-        with autocast_for(device):
-            memory = model.encode(prepare_images(batch.images, device))  # (B, N, D)
-            hyps: list[list[Hypothesis]] = decode(model, memory, options)
+        yield batch, decode_images(model, batch.images, device, options)
+
+
+def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
+                    options: DecodeOptions | None = None, progress: bool = False, desc: str = "captioning"):
+    """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
+    for batch, hyps in decode_batches(model, loader, device, options, progress, desc):
         yield batch, [[(tokenizer.decode(h.tokens), h.score) for h in per_image] for per_image in hyps]
 
 
