@@ -77,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attention-layer", type=int, default=-1,
                    help="Transformer decoder layer whose cross-attention (averaged over heads) is drawn (-1 = last)")
 
+    p = sub.add_parser("plot", help="training curves of a run (loss, validation BLEU, learning rate) as PNGs")
+    p.add_argument("run", metavar="RUN", help="run folder (or its log.jsonl)")
+    p.add_argument("--out", default="", help="folder for the PNGs (default: the run folder)")
+
     p = sub.add_parser("make-synthetic", help="write a synthetic scenes dataset in COCO caption format")
     p.add_argument("out")
     p.add_argument("--train", type=int, default=2000)

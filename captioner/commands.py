@@ -39,9 +39,13 @@ def decode_options(args) -> DecodeOptions:
 
 
 def train(args) -> int:
+    from .curves import require_tensorboard
     from .train_cli import config_from_args
 
-    result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    cfg = config_from_args(args)
+    if cfg.train.tensorboard:
+        require_tensorboard()  # before any work: the missing package is named, not found after an epoch
+    result = fit(cfg, resume=args.resume, progress=not args.no_progress)
     print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
     return 0
 
@@ -110,6 +114,16 @@ def caption(args) -> int:
     if failed:
         print(f"captioner caption: {len(failed)} of {len(paths)} image(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def plot(args) -> int:
+    from .curves import plot_curves, read_log
+
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
+    written = plot_curves(read_log(run), out)
+    print(json.dumps({"plots": [str(p) for p in written]}))
+    return 0
 
 
 def make_synthetic(args) -> int:

@@ -46,6 +46,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out: str = "runs/default"
+    tensorboard: bool = False  # also write each epoch's log record as TensorBoard scalars to OUT/tensorboard
     epochs: int = 10
     batch_size: int = 16
     captions_per_image: int = 2  # captions sampled per image per step (0 = all); the decoder's cost scales with it

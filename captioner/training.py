@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from .checkpoint import clean_state_dict, load_checkpoint, rng_state, save_checkpoint, set_rng_state, \
     tokenizer_from_payload, tokenizer_payload
 from .config import RunConfig
+from .curves import TENSORBOARD_DIR, write_epoch_scalars
 from .data.collate import CaptionCollate
 from .data.dataset import CaptionDataset
 from .data.factory import load_records
@@ -166,4 +167,6 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
         history.append(record)
         log.info("epoch %d: loss %.4f, val BLEU-4 %.4f%s, %.1f img/s, e.g. %r", epoch, stats["train_loss"],
                  metrics["Bleu_4"], " (best)" if is_best else "", record["images_per_second"], record["example"])
+        if t.tensorboard:
+            write_epoch_scalars(out / TENSORBOARD_DIR, record)
     return {"out": str(out), "best_bleu_4": best, "history": history}
