@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_decode_benchmark_arguments(kinds.add_parser("decode", help="captions/s: batched, cached search vs naive"))
 
+    p = sub.add_parser("serve", help="web page and JSON API that caption uploaded images (loopback by default)")
+    from .serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
+
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> caption, on CPU in a few minutes")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--device", default="auto")

@@ -146,6 +146,12 @@ def benchmark(args) -> int:
     return run_from_args(args)
 
 
+def serve(args) -> int:
+    from .serve import run_from_args
+
+    return run_from_args(args)
+
+
 def demo(args) -> int:
     from .demo import run_demo
 
