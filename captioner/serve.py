@@ -1,8 +1,8 @@
 """`captioner serve`: a web page and a JSON API that caption uploaded images with one loaded checkpoint.
 
 Standard library only (http.server): one model in memory and one lock around it, so concurrent requests are
-decoded one at a time while reading uploads, decoding JPEGs and drawing attention figures run in the request
-threads. The listen backlog is raised from http.server's 5 so a burst of simultaneous clients is queued by
+decoded one at a time while reading uploads and decoding JPEGs run in parallel in the request threads (attention
+figures are drawn one at a time too, under their own lock). The listen backlog is raised from http.server's 5 so a burst of simultaneous clients is queued by
 the kernel instead of refused. Binds to 127.0.0.1 unless told otherwise: the page has no authentication.
 
 API: POST /api/caption, multipart/form-data with a file field `image` and optional fields `beam_size`
@@ -61,7 +61,8 @@ class RequestError(Exception):
 
 class CaptionService:
     """Captions PIL images with one model. Inference holds a lock: a model is not safe to run from several
-    threads at once (and on a CPU, parallel requests would only share the same cores)."""
+    threads at once (and on a CPU, parallel requests would only share the same cores). Drawing attention
+    figures holds another, since matplotlib does not promise thread safety; it does not hold up captioning."""
 
     def __init__(self, model, tokenizer: Tokenizer, image_size: int, device: torch.device,
                  attention_layer: int = -1, checkpoint: str = ""):
@@ -69,6 +70,7 @@ class CaptionService:
         self.attention_layer = visualize.check_attention_layer(model, attention_layer)
         self.checkpoint = checkpoint
         self.lock = threading.Lock()
+        self.drawing = threading.Lock()
 
     def describe(self) -> dict:
         cfg = self.model.cfg
@@ -89,8 +91,8 @@ class CaptionService:
         if attention:
             best = hypotheses[0]
             words = visualize.hypothesis_attention(self.tokenizer, best)
-            figure = visualize.attention_figure(image, result["captions"][0]["caption"], words)
-            png = visualize.figure_png(figure)
+            with self.drawing:
+                png = visualize.figure_png(visualize.attention_figure(image, result["captions"][0]["caption"], words))
             result["attention"] = {"layer": self.attention_layer, "words": words.words,
                                    "grid": list(words.maps.shape[1:]), "maps": words.maps.astype(float).round(4).tolist(),
                                    "figure": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
@@ -181,6 +183,10 @@ class CaptionHandler(BaseHTTPRequestHandler):
         except RequestError as exc:
             log.info("%s %s -> %d: %s", self.command, path, exc.status, exc.message)
             self._json(exc.status, {"error": exc.message})
+            return
+        except (TimeoutError, ConnectionError) as exc:  # the client stalled or went away: nobody to answer
+            log.info("%s %s: connection dropped (%s)", self.command, path, exc)
+            self.close_connection = True
             return
         except Exception as exc:  # a bug, not the client's fault: say so, keep serving
             log.exception("captioning failed")
