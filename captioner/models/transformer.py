@@ -7,8 +7,8 @@ Two ways in, one set of weights:
   layer, so a step costs O(prefix) instead of re-running the decoder over the whole prefix.
 
 Both can also return where the decoder looked: one layer's cross-attention weights averaged over heads
-(`return_attention=True`, or `init_state(..., attention_layer=L)`). Only that layer computes its weights
-explicitly; without the request every layer uses the fused attention kernel.
+(`return_attention=True`, or `init_state(..., attention_layer=L)`). Only that layer recomputes its weights
+beside the fused attention kernel; without the request nothing extra is computed.
 
 Padding convention: masks are True where padded. Captions are right-padded, so the causal mask alone already
 keeps every real position from attending to padding; padded positions are ignored by the loss.
@@ -44,30 +44,25 @@ class Attention(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)  # each (B, nh, S, hd)
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False,
+               return_weights: bool = False):
+        """-> (B, T, D) [, attention weights averaged over heads (B, T, S), before dropout, if return_weights;
+        for cross-attention only (no causal mask is applied to the weights)].
+
+        The fused kernel does not return its weights, so they are recomputed beside it (one more q.k product,
+        for the one layer that is asked): the output itself is the fused kernel's, so watching the attention
+        cannot change a caption."""
         q = self.split_heads(self.q(x))  # (B, nh, T, hd)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
-        return self._merge_heads(y)
-
-    def attend_with_weights(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            mask=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """As attend (non-causal), also returning the attention weights averaged over heads (B, T, S).
-
-        The weights are computed explicitly, since the fused kernel does not return them; only the layer whose
-        attention is asked for takes this slower path. The returned weights are before dropout."""
-        q = self.split_heads(self.q(x))  # (B, nh, T, hd)
-        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5  # (B, nh, T, S)
+        b, _, t, _ = y.shape
+        out = self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        if not return_weights:
+            return out
+        scores = (q @ k.transpose(-2, -1)).float() * self.head_dim**-0.5  # (B, nh, T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # (B, nh, T, S)
-        drop = self.dropout if self.training else 0.0
-        y = F.dropout(weights, drop, training=self.training) @ v  # (B, nh, T, hd)
-        return self._merge_heads(y), weights.mean(dim=1)
-
-    def _merge_heads(self, y: torch.Tensor) -> torch.Tensor:
-        b, _, t, _ = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        return out, torch.softmax(scores, dim=-1).mean(dim=1).to(q.dtype)
 
 
 def memory_attn_mask(memory_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -91,7 +86,7 @@ class DecoderLayer(nn.Module):
         x = x + self.drop(self.self_attn.attend(h, k, v, causal=causal))
         h = self.norm2(x)
         if return_attention:
-            attended, attention = self.cross_attn.attend_with_weights(h, *cross_kv, mask=cross_mask)
+            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask, return_weights=True)
         else:
             attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask), None
         x = x + self.drop(attended)
