@@ -7,6 +7,7 @@ file from a stranger cannot run code when unpickled.
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import tempfile
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
-from .errors import CheckpointError
+from .errors import CaptionerError, CheckpointError, CheckpointWriteError
 from .models.captioner import Captioner
 from .text import Tokenizer
 
@@ -50,23 +51,71 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`: a crash at any point
-    leaves either the previous file or the new one, never a torn one."""
+    """Write to a temporary file in the same folder, fsync, rename over `path`, fsync the folder: a crash at
+    any point leaves either the previous file or the new one, never a torn one.
+
+    The payload is serialised in memory first and then written with plain file writes: torch.save writing
+    straight into a file reports a full disk as an opaque RuntimeError from its zip writer, while a plain
+    write raises OSError with the real cause (ENOSPC, EFBIG, EROFS, EACCES), which the message then names.
+    Any failure raises CheckpointWriteError and leaves `path` as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format_version": FORMAT_VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    buffer = io.BytesIO()
+    torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
-        raise
+        tmp = None
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        raise CheckpointWriteError(f"cannot write checkpoint {path}: {exc.strerror or exc} (the previous "
+                                   f"{path.name}, if any, is intact)") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable_folder(folder: str | Path) -> Path:
+    """Create `folder` and prove a file can be written there, so a read-only or missing location fails at the
+    start of a run with a clear message instead of after its first hour of training."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CaptionerError(f"cannot write to the run folder {folder}: {exc.strerror or exc}") from None
+    return folder
+
+
+def remove_stale_temporaries(folder: str | Path) -> list[Path]:
+    """Delete the torn temporary files a killed save_checkpoint left in `folder` (`.NAME.*.tmp`, never read
+    by anything). Call it only where no other process is saving into the folder."""
+    removed = [p for p in Path(folder).glob(".*.pt.*.tmp") if p.is_file()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(commands, args.command.replace("-", "_"))(args) or 0
     except CaptionerError as exc:
         print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_status
     except KeyboardInterrupt:
         print(f"captioner {args.command}: interrupted", file=sys.stderr)
         return 130

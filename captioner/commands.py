@@ -46,7 +46,8 @@ def train(args) -> int:
     if cfg.train.tensorboard:
         require_tensorboard()  # before any work: the missing package is named, not found after an epoch
     result = fit(cfg, resume=args.resume, progress=not args.no_progress)
-    print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
+    if result["rank"] == 0:  # under torchrun, one line for the whole run
+        print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
     return 0
 
 

@@ -62,6 +62,9 @@ class TrainConfig:
     workers: int = 0
     val_beam_size: int = 1
     deterministic: bool = False
+    checkpoint_every: int = 0  # also write last.pt every N batches inside an epoch (0 = off)
+    checkpoint_minutes: float = 10.0  # ... and whenever this many minutes passed since the last write (0 = off)
+    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
 
 
 @dataclass

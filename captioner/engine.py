@@ -6,7 +6,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,7 @@ from tqdm import tqdm
 from .data.collate import Batch
 from .data.transforms import normalize
 from .decoding import DecodeOptions, Hypothesis, decode
+from .distributed import Distributed
 from .errors import CaptionerError
 from .scoring import score_captions
 from .models.lstm import doubly_stochastic_penalty
@@ -41,58 +42,129 @@ def bag_of_words_loss(bow_logits: torch.Tensor, targets: torch.Tensor) -> torch.
 
 
 class NonFiniteLossError(CaptionerError):
-    """Training produced a NaN/inf loss; the run stops before that state can be checkpointed."""
+    """Training produced a NaN/inf loss or gradient; the run stops before that state can be checkpointed."""
+
+    exit_status = 1
+
+
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch. Mid-epoch checkpoints carry them, so a resumed epoch reports the figures an
+    uninterrupted one would have. `batches` counts batches taken from the loader (the resume position);
+    `steps` counts optimizer updates (a batch of unreadable images, or a skipped non-finite step, has none)."""
+
+    loss_sum: float = 0.0  # caption loss x tokens
+    bow_sum: float = 0.0  # bag-of-words loss x images
+    tokens: int = 0
+    images: int = 0
+    batches: int = 0
+    steps: int = 0
+    skipped_images: int = 0
+    nonfinite_steps: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        return {"train_loss": self.loss_sum / max(self.tokens, 1), "train_bow_loss": self.bow_sum / max(self.images, 1),
+                "images": self.images, "steps": self.steps, "skipped_images": self.skipped_images,
+                "nonfinite_steps": self.nonfinite_steps}
 
 
 def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device: torch.device, epoch: int,
                     label_smoothing: float = 0.0, clip_grad: float = 0.0, progress: bool = True,
-                    prefix_cache=None) -> dict[str, Any]:
-    """`prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its
-    first computation; only valid when images are not augmented."""
+                    prefix_cache=None, totals: EpochTotals | None = None,
+                    on_batch: Callable[[EpochTotals], None] | None = None, nonfinite: str = "stop",
+                    forward: Callable[..., Any] | None = None, dist: Distributed | None = None) -> dict[str, Any]:
+    """One pass over `loader` (which may start mid-epoch; `totals` then holds the sums so far).
+
+    `prefix_cache` (a PrefixFeatureCache) serves the frozen trunk prefix's output from memory after its first
+    computation; only valid when images are not augmented. `on_batch(totals)` runs after every batch, when the
+    model and optimizer are in a consistent state (training saves mid-epoch checkpoints there).
+    `nonfinite`: "stop" raises NonFiniteLossError at a NaN/inf loss or gradient norm; "skip" drops that update
+    (weights and optimizer state untouched, the schedule moves on) and counts it.
+
+    Under torchrun, `forward` is the DistributedDataParallel-wrapped `model.forward_train` and `dist` the process
+    group: every caption token and every image weighs the same whichever process it landed on (losses are
+    normalised by the global counts), so N processes with batch b train like one process with batch N*b.
+    """
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    totals = totals if totals is not None else EpochTotals()
+    forward = forward or model.forward_train
+    dist = dist or Distributed()
     model.train()
-    total_loss, total_bow, total_tokens, images_seen, skipped, steps = 0.0, 0.0, 0, 0, 0, 0
+    parameters = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
-        skipped += batch.skipped
-        if batch.images.shape[0] == 0:
+        totals.batches += 1
+        totals.skipped_images += batch.skipped
+        n_images, n_tokens = batch.images.shape[0], int((batch.targets != PAD_ID).sum())
+        global_images, global_tokens = dist.sum([n_images, n_tokens], device) if dist.enabled else (n_images, n_tokens)
+        if n_images == 0:
+            if global_images > 0:
+                raise CaptionerError(f"every image of batch {totals.batches} on process {dist.rank} was unreadable "
+                                     "while other processes had images; multi-process training cannot skip it")
+            if on_batch is not None:
+                on_batch(totals)
             continue
         batch = batch.to(device)
+        # A skipped step must leave no trace, but the forward pass itself updates BatchNorm running statistics
+        # (NaN ones, if the trunk overflowed): keep a copy of the buffers (small) to put back.
+        buffers = [b.detach().clone() for b in model.buffers()] if nonfinite == "skip" else None
         with autocast_for(device):
             images = prepare_images(batch.images, device)
             prefix = None if prefix_cache is None else prefix_cache.features(model.encoder, images, batch.indices)
-            out = model.forward_train(images, batch.tokens_in, batch.caption_image_index, prefix)
+            out = forward(images, batch.tokens_in, batch.caption_image_index, prefix)
             caption_loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.flatten(),
-                                           ignore_index=PAD_ID, label_smoothing=label_smoothing)
+                                           ignore_index=PAD_ID, label_smoothing=label_smoothing)  # this batch's mean
             bow_loss = torch.zeros((), device=device)
             if out.bow_logits is not None:
                 bow_loss = bag_of_words_loss(out.bow_logits, batch.bow_targets)
-            loss = caption_loss + model.cfg.bow_weight * bow_loss
+            # Local means -> shares of the global means (factors are exactly 1 in a single process); DDP then
+            # averages gradients over the world_size processes.
+            token_share = n_tokens * dist.world_size / global_tokens
+            image_share = n_images * dist.world_size / global_images
+            loss = caption_loss * token_share + model.cfg.bow_weight * bow_loss * image_share
             if out.attention is not None and model.cfg.attention_reg > 0:
                 loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
                                                                                   batch.targets != PAD_ID)
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss at epoch {epoch}, step {steps}: caption {caption_loss.item()}, "
-                f"bag-of-words {bow_loss.item()} (running caption loss "
-                f"{total_loss / max(total_tokens, 1):.4f}); stopping before it reaches a checkpoint. "
-                "Try a lower --lr or --clip-grad."
-            )
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        grad_norm = None
+        if dist.all_true(bool(torch.isfinite(loss)), device):
+            loss.backward()
+            # Clipping at infinity still returns the norm, which is how a non-finite gradient is caught.
+            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else float("inf"))
+        if grad_norm is None or not torch.isfinite(grad_norm):
+            what = "loss" if grad_norm is None else "gradient norm"
+            if nonfinite == "stop":
+                raise NonFiniteLossError(
+                    f"non-finite {what} at epoch {epoch}, batch {totals.batches}: caption loss {caption_loss.item()}, "
+                    f"bag-of-words loss {bow_loss.item()} (running caption loss "
+                    f"{totals.loss_sum / max(totals.tokens, 1):.4f}); stopping before it reaches a checkpoint. "
+                    "Try a lower --lr or --clip-grad, or --on-nonfinite skip."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buffer, saved in zip(model.buffers(), buffers):
+                    buffer.copy_(saved)
+            scheduler.step()
+            totals.nonfinite_steps += 1
+            if on_batch is not None:
+                on_batch(totals)
+            continue
         optimizer.step()
         scheduler.step()
-        n_tokens = int((batch.targets != PAD_ID).sum())
         step_caption_loss = caption_loss.item()
-        total_loss += step_caption_loss * n_tokens
-        total_bow += bow_loss.item() * batch.images.shape[0]
-        total_tokens += n_tokens
-        images_seen += batch.images.shape[0]
-        steps += 1
+        totals.loss_sum += step_caption_loss * n_tokens
+        totals.bow_sum += bow_loss.item() * batch.images.shape[0]
+        totals.tokens += n_tokens
+        totals.images += n_images
+        totals.steps += 1
         bar.set_postfix(loss=f"{step_caption_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")
-    return {"train_loss": total_loss / max(total_tokens, 1), "train_bow_loss": total_bow / max(images_seen, 1),
-            "images": images_seen, "steps": steps, "skipped_images": skipped}
+        if on_batch is not None:
+            on_batch(totals)
+    return totals.summary()
 
 
 @torch.inference_mode()
@@ -153,9 +225,13 @@ class Evaluation:
 
 
 def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
-             options: DecodeOptions | None = None, progress: bool = False, metrics: str = "bleu") -> Evaluation:
+             options: DecodeOptions | None = None, progress: bool = False, metrics: str = "bleu",
+             dist: Distributed | None = None) -> Evaluation:
     """Decode every image (real decoding, not teacher forcing) and score the best hypothesis of each against
-    all its references: BLEU-1..4, plus CIDEr-D, ROUGE-L and METEOR with metrics="all"."""
+    all its references: BLEU-1..4, plus CIDEr-D, ROUGE-L and METEOR with metrics="all".
+
+    Under torchrun each process decodes its share of the split (`loader` is sharded); the captions are gathered
+    (an image padded into two shares counts once) and every process computes the same scores."""
     options = options or DecodeOptions()
     references, hypotheses, paths, skipped, started = {}, {}, {}, 0, time.perf_counter()
     for batch, hyps in caption_batches(model, loader, tokenizer, device, options, progress=progress,
@@ -163,6 +239,10 @@ def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch
         skipped += batch.skipped
         for image_id, refs, path, per_image in zip(batch.image_ids, batch.captions, batch.paths, hyps):
             references[image_id], hypotheses[image_id], paths[image_id] = list(refs), per_image[0][0], str(path)
+    if dist is not None and dist.enabled:
+        shares = dist.gather((references, hypotheses, paths, skipped))
+        references, hypotheses, paths = ({k: v for share in shares for k, v in share[i].items()} for i in range(3))
+        skipped = sum(share[3] for share in shares)
     decode_seconds = time.perf_counter() - started
     if not hypotheses:
         raise CaptionerError("evaluation found no readable images")

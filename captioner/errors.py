@@ -2,7 +2,12 @@
 
 
 class CaptionerError(Exception):
-    """Base class: the message names the file (or flag) and what is wrong with it."""
+    """Base class: the message names the file (or flag) and what is wrong with it.
+
+    `exit_status` is what the command line exits with: 2 for a usage or input error (the default), 1 for a
+    run that failed on its own (a non-finite loss, a checkpoint that cannot be written)."""
+
+    exit_status = 2
 
 
 class DatasetFormatError(CaptionerError, ValueError):
@@ -15,6 +20,20 @@ class ImageReadError(CaptionerError, OSError):
 
 class CheckpointError(CaptionerError):
     """A checkpoint file is missing, unreadable, unsafe, or from an incompatible version."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (full disk, read-only folder); the previous file is left intact."""
+
+    exit_status = 1
+
+
+class TrainingInterrupted(CaptionerError):
+    """SIGINT/SIGTERM stopped training at a batch boundary, after last.pt was written."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_status = 128 + signal_number
 
 
 class WeightsUnavailableError(CaptionerError):

@@ -50,10 +50,13 @@ TRAIN_FLAGS = {
     "--workers": ("train", "workers", int),
     "--val-beam-size": ("train", "val_beam_size", int),
     "--deterministic": ("train", "deterministic", "bool"),
+    "--checkpoint-every": ("train", "checkpoint_every", int),
+    "--checkpoint-minutes": ("train", "checkpoint_minutes", float),
+    "--on-nonfinite": ("train", "on_nonfinite", str),
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
-           "--decoder": ("transformer", "lstm")}
+           "--decoder": ("transformer", "lstm"), "--on-nonfinite": ("stop", "skip")}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

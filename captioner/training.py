@@ -8,27 +8,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import random
+import signal
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from .checkpoint import clean_state_dict, load_checkpoint, rng_state, save_checkpoint, set_rng_state, \
-    tokenizer_from_payload, tokenizer_payload
+from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, \
+    set_rng_state, tokenizer_from_payload, tokenizer_payload
 from .config import RunConfig
 from .curves import TENSORBOARD_DIR, write_epoch_scalars
 from .data.collate import CaptionCollate
 from .data.dataset import CaptionDataset
 from .data.factory import load_records
+from .data.sampling import EpochSampler
 from .data.transforms import TrainAugment
 from .decoding import DecodeOptions
-from .engine import evaluate, prepare_images, train_one_epoch, warmup_cosine
+from .distributed import Distributed, init_distributed, shutdown_distributed
+from .engine import EpochTotals, NonFiniteLossError, evaluate, prepare_images, train_one_epoch, warmup_cosine
 from .feature_cache import PrefixFeatureCache
-from .errors import CaptionerError
+from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
 from .text import Tokenizer
 
@@ -68,40 +77,198 @@ def split_records(cfg: RunConfig, split: str):
                         karpathy_json=d.karpathy_json)
 
 
-def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: bool, device: torch.device):
+def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: bool, device: torch.device,
+                dist: Distributed | None = None):
+    """Training batches come in EpochSampler order (a function of seed and epoch, see data/sampling.py).
+    The loader's own generator only seeds worker processes, so iterating never touches the global RNG,
+    which a resumed run restores for dropout."""
     d, t = cfg.data, cfg.train
     augment = TrainAugment(d.image_size) if train and d.augment else None
     dataset = CaptionDataset(records, d.image_size, augment=augment, cache_images=d.cache_images, strict=d.strict)
     collate = CaptionCollate(tokenizer if train else None, cfg.model.max_len, t.captions_per_image)
-    generator = torch.Generator().manual_seed(t.seed)
-    return DataLoader(dataset, batch_size=t.batch_size, shuffle=train, num_workers=t.workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda", persistent_workers=t.workers > 0, generator=generator)
+    dist = dist or Distributed()
+    sampler = EpochSampler(len(dataset), t.seed, shuffle=train, rank=dist.rank, world_size=dist.world_size)
+    return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
+                      pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
+                      generator=torch.Generator().manual_seed(t.seed))
 
 
-def calibrate_frozen_trunk(model, loader, device: torch.device, num_batches: int = 8) -> None:
+def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: torch.device, num_images: int = 128,
+                           chunk: int = 16) -> None:
     """Measure BatchNorm statistics for the frozen prefix of a randomly initialised trunk (see
-    ResNet18Trunk.calibrate_prefix). Uses the first few training batches; the data order RNG advances."""
+    ResNet18Trunk.calibrate_prefix) on the first `num_images` of epoch 0's order, in chunks of `chunk`: the same
+    images whatever the batch size or number of processes, so every process (and a single-process run with
+    the same global batch) gets identical statistics."""
+    order = EpochSampler(len(dataset), seed).order()[:num_images]
+
     def batches():
-        for i, batch in enumerate(loader):
-            if i >= num_batches:
-                break
-            if batch.images.shape[0]:
-                yield prepare_images(batch.images, device)
+        for start in range(0, len(order), chunk):
+            items = [dataset[i] for i in order[start : start + chunk]]
+            images = [item["image"] for item in items if item is not None]
+            if images:
+                yield prepare_images(torch.stack(images), device)
+
     model.encoder.calibrate_prefix(batches())
-    log.info("calibrated the frozen trunk's BatchNorm statistics on %d batches", num_batches)
+    log.info("calibrated the frozen trunk's BatchNorm statistics on %d images", len(order))
+
+
+class TrainStep(nn.Module):
+    """`model.forward_train` as a module's forward, which is what DistributedDataParallel wraps and syncs."""
+
+    def __init__(self, model: Captioner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return self.model.forward_train(*args)
+
+
+class _Checkpointer:
+    """Writes RUN/last.pt (every epoch, and mid-epoch every `every_steps` batches or `every_minutes`), RUN/best.pt
+    and RUN/log.jsonl, in an order that survives a kill at any instant:
+
+    - best.pt before last.pt: if a run dies between them, the resume redoes the epoch from the previous last.pt
+      and writes the same best.pt again (the reverse order could leave best.pt one epoch behind for good);
+    - log.jsonl is rewritten (atomically) from the epoch records stored in last.pt, so it always matches it.
+    """
+
+    def __init__(self, out: Path, cfg: RunConfig, tokenizer: Tokenizer, steps_per_epoch: int, is_main: bool = True):
+        """Only the main process (rank 0) writes; on the others every save is a no-op."""
+        self.out, self.cfg, self.tokenizer, self.steps_per_epoch = out, cfg, tokenizer, steps_per_epoch
+        self.is_main = is_main
+        self.every_steps, self.every_seconds = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes * 60
+        self.last_saved = time.monotonic()
+
+    def payload(self, model, optimizer, scheduler, epoch: int, totals: EpochTotals | None, best: float,
+                history: list[dict], metrics: dict | None = None) -> dict[str, Any]:
+        """`totals` None: `epoch` is complete. Otherwise the run is `totals.batches` batches into `epoch`."""
+        return {"model": clean_state_dict(model.state_dict()), "config": self.cfg.to_dict(),
+                "tokenizer": tokenizer_payload(self.tokenizer), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch,
+                "epoch_batches": 0 if totals is None else totals.batches,
+                "epoch_totals": {} if totals is None else asdict(totals),
+                "steps_per_epoch": self.steps_per_epoch, "step": scheduler.last_epoch, "best_metric": best,
+                "metrics": dict(metrics or {}), "history": list(history), "rng": rng_state()}
+
+    def mid_epoch_due(self, totals: EpochTotals) -> bool:
+        if totals.batches >= self.steps_per_epoch:
+            return False  # the epoch-end checkpoint follows at once
+        by_steps = self.every_steps > 0 and totals.batches % self.every_steps == 0
+        by_time = self.every_seconds > 0 and time.monotonic() - self.last_saved >= self.every_seconds
+        return by_steps or by_time
+
+    def save_last(self, payload: dict[str, Any]) -> None:
+        if self.is_main:
+            save_checkpoint(self.out / "last.pt", payload)
+        self.last_saved = time.monotonic()
+
+    def save_epoch(self, payload: dict[str, Any], is_best: bool) -> None:
+        if not self.is_main:
+            return
+        if is_best:
+            save_checkpoint(self.out / "best.pt", payload)
+        self.save_last(payload)
+        write_log(self.out / "log.jsonl", payload["history"])
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) or SIGTERM (what schedulers send before preempting a job) during training: the current
+    batch finishes, last.pt is written at that exact point, and the run stops with TrainingInterrupted.
+    A second signal goes to the previous handler (Ctrl-C twice still interrupts at once). Only the main
+    thread can install handlers; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        self.received = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def raise_if_received(self, where: str, out: Path) -> None:
+        if self.received is not None:
+            name = signal.Signals(self.received).name
+            raise TrainingInterrupted(f"stopped by {name} {where}; {out / 'last.pt'} holds this exact point: continue "
+                                      f"with `captioner train --resume {out / 'last.pt'}`", self.received)
+
+
+def write_log(path: Path, history: list[dict]) -> None:
+    """One JSON line per completed epoch, replaced atomically (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _history_before(out: Path, epoch: int) -> list[dict]:
+    """Epoch records of a checkpoint written before they were stored in it: the run folder's log, up to `epoch`."""
+    path = out / "log.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("epoch", 0) <= epoch]
+
+
+def _check_finite_weights(model, epoch: int) -> None:
+    """Defence in depth: weights that went NaN/inf (whatever the cause) never reach best.pt or last.pt."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"after epoch {epoch} the weights of {len(bad)} tensors are not finite "
+                                 f"(first: {bad[0]}); the previous checkpoints are left as they were")
 
 
 def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train per `cfg`; with `resume`, continue from that checkpoint (its config wins for model and data)."""
+    """Train per `cfg`; with `resume`, continue from that checkpoint (its config wins for model and data).
+
+    A resumed run continues exactly where the checkpoint left off, mid-epoch included: same data order, same
+    caption choices and augmentations, same RNG for dropout; with --deterministic on CPU it ends with the same
+    weights, bit for bit, as a run that was never interrupted (tests/test_resume.py kills runs to check it).
+
+    Under torchrun every process runs this; each trains on its share of every batch (DistributedDataParallel),
+    decodes its share of the validation split, and rank 0 alone logs and writes the run folder. The checkpoint
+    format is the single-process one.
+    """
+    dist, device_name = init_distributed(cfg.train.device)
+    try:
+        return _fit(cfg, resume, progress, dist, device_name)
+    finally:
+        shutdown_distributed()
+
+
+def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str) -> dict[str, Any]:
+    if not dist.is_main:
+        logging.getLogger("captioner").setLevel(logging.WARNING)
+        progress = False
     payload = load_checkpoint(resume) if resume else None
     if payload is not None:
         saved = RunConfig.from_dict(payload["config"], source=f"checkpoint {resume}")
-        # What a resume may change: how long, where to write, which device.
-        saved.train.epochs, saved.train.out, saved.train.device = cfg.train.epochs, cfg.train.out, cfg.train.device
+        # What a resume may change: how long, where to write, which device, how often to checkpoint.
+        for key in ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes"):
+            setattr(saved.train, key, getattr(cfg.train, key))
         cfg = saved
-    out = Path(cfg.train.out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.train.device)
+    out = check_writable_folder(cfg.train.out)
+    if dist.is_main:
+        for stale in remove_stale_temporaries(out):
+            log.info("removed %s, a checkpoint write interrupted by an earlier crash", stale)
+    device = resolve_device(device_name)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     train_records, val_records = split_records(cfg, "train"), split_records(cfg, "val")
@@ -109,64 +276,107 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True) -> dic
         val_records = val_records[: cfg.data.val_limit]
     if payload is not None:
         tokenizer = tokenizer_from_payload(payload)
-    else:
-        tokenizer = Tokenizer.train((c for r in train_records for c in r.captions), cfg.train.vocab_size)
+    else:  # trained once, by rank 0, and sent to the others
+        trained = None
+        if dist.is_main:
+            trained = Tokenizer.train((c for r in train_records for c in r.captions), cfg.train.vocab_size).model_bytes
+        tokenizer = Tokenizer(dist.broadcast(trained))
         cfg.model.vocab_size = tokenizer.vocab_size
-    cfg.save(out / "config.json")
-    log.info("train %d images, val %d images, vocabulary %d, device %s", len(train_records), len(val_records),
-             tokenizer.vocab_size, device)
+    if dist.is_main:
+        cfg.save(out / "config.json")
+    log.info("train %d images, val %d images, vocabulary %d, device %s%s", len(train_records), len(val_records),
+             tokenizer.vocab_size, device, f", {dist.world_size} processes" if dist.enabled else "")
 
     model = Captioner(cfg.model, load_encoder_weights=payload is None).to(device)
     model = model.to(memory_format=torch.channels_last)
-    train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device)
-    val_loader = make_loader(val_records, cfg, None, train=False, device=device)
+    train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device, dist=dist)
+    val_loader = make_loader(val_records, cfg, None, train=False, device=device, dist=dist)
+    sampler: EpochSampler = train_loader.sampler
     t = cfg.train
     optimizer = make_optimizer(model.param_groups(t.lr, t.encoder_lr, t.weight_decay), t.lr)
-    steps_per_epoch = len(train_loader)
+    steps_per_epoch = math.ceil(sampler.per_process / t.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(t.epochs * steps_per_epoch, max(1, int(t.warmup_epochs * steps_per_epoch))))
+    checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
-    start_epoch, best = 1, float("-inf")
     if payload is None and cfg.model.encoder_weights == "none" and cfg.model.trainable_layers < 5:
-        calibrate_frozen_trunk(model, train_loader, device)
+        calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
     prefix_cache = None
     if cfg.model.trainable_layers < 5 and not cfg.data.augment and cfg.data.cache_images:
         prefix_cache = PrefixFeatureCache()
+    start_epoch, best, history, totals = 1, float("-inf"), [], None
     if payload is not None:
-        model.load_state_dict(clean_state_dict(payload["model"]))
-        optimizer.load_state_dict(payload["optimizer"])
-        scheduler.load_state_dict(payload["scheduler"])
-        start_epoch, best = payload["epoch"] + 1, payload["best_metric"]
-        set_rng_state(payload["rng"])
+        start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
+                                                      out)
 
+    forward = None
+    if dist.enabled:  # after the checkpoint is restored: DDP sends rank 0's weights and buffers to all at start
+        forward = DistributedDataParallel(TrainStep(model), device_ids=[device.index] if device.type == "cuda" else None)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
-    history = []
-    for epoch in range(start_epoch, t.epochs + 1):
-        started = time.time()
-        stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
-                                t.clip_grad, progress, prefix_cache)
-        train_seconds = time.time() - started
-        evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress)
-        metrics, captions = evaluation.metrics, evaluation.captions
-        record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in metrics.items()},
-                  "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
-                  "images_per_second": round(stats["images"] / max(train_seconds, 1e-9), 2),
-                  "epoch_seconds": round(time.time() - started, 2),
-                  "example": next(iter(captions.values()))}
-        is_best = metrics["Bleu_4"] > best
-        best = max(best, metrics["Bleu_4"])
-        ckpt = {"model": clean_state_dict(model.state_dict()), "config": cfg.to_dict(),
-                "tokenizer": tokenizer_payload(tokenizer), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch, "step": epoch * steps_per_epoch,
-                "best_metric": best, "metrics": {k: v for k, v in metrics.items()}, "rng": rng_state()}
-        save_checkpoint(out / "last.pt", ckpt)
-        if is_best:
-            save_checkpoint(out / "best.pt", ckpt)
-        with open(out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        history.append(record)
-        log.info("epoch %d: loss %.4f, val BLEU-4 %.4f%s, %.1f img/s, e.g. %r", epoch, stats["train_loss"],
-                 metrics["Bleu_4"], " (best)" if is_best else "", record["images_per_second"], record["example"])
-        if t.tensorboard:
-            write_epoch_scalars(out / TENSORBOARD_DIR, record)
-    return {"out": str(out), "best_bleu_4": best, "history": history}
+    with StopSignals() as stop:
+        for epoch in range(start_epoch, t.epochs + 1):
+            started = time.time()
+            totals = totals or EpochTotals()
+            sampler.set_epoch(epoch, start=min(totals.batches * t.batch_size, sampler.per_process))
+
+            def after_batch(so_far: EpochTotals, epoch: int = epoch) -> None:
+                stopping = not dist.all_true(stop.received is None, device)  # all processes stop together
+                if stopping or checkpointer.mid_epoch_due(so_far):
+                    checkpointer.save_last(checkpointer.payload(model, optimizer, scheduler, epoch, so_far, best,
+                                                                history))
+                if stopping:
+                    stop.received = stop.received or signal.SIGTERM
+                stop.raise_if_received(f"at epoch {epoch}, batch {so_far.batches} of {steps_per_epoch}", out)
+
+            stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
+                                    t.clip_grad, progress, prefix_cache, totals=totals, on_batch=after_batch,
+                                    nonfinite=t.on_nonfinite, forward=forward, dist=dist)
+            if dist.enabled:  # the whole run's figures, not rank 0's share
+                stats = _summed_over_processes(totals, dist, device).summary()
+            totals = None
+            train_seconds = time.time() - started
+            _check_finite_weights(model, epoch)
+            evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress, dist=dist)
+            metrics, captions = evaluation.metrics, evaluation.captions
+            record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in metrics.items()},
+                      "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
+                      "images_per_second": round(stats["images"] / max(train_seconds, 1e-9), 2),
+                      "epoch_seconds": round(time.time() - started, 2),
+                      "example": next(iter(captions.values()))}
+            is_best = metrics["Bleu_4"] > best
+            best = max(best, metrics["Bleu_4"])
+            history.append(record)
+            checkpointer.save_epoch(checkpointer.payload(model, optimizer, scheduler, epoch, None, best, history,
+                                                         metrics), is_best)
+            log.info("epoch %d: loss %.4f, val BLEU-4 %.4f%s, %.1f img/s, e.g. %r", epoch, stats["train_loss"],
+                     metrics["Bleu_4"], " (best)" if is_best else "", record["images_per_second"],
+                     record["example"])
+            if t.tensorboard and dist.rank == 0:
+                write_epoch_scalars(out / TENSORBOARD_DIR, record)
+            stop.raise_if_received(f"after epoch {epoch}", out)
+    return {"out": str(out), "best_bleu_4": best, "history": history, "rank": dist.rank}
+
+
+def _summed_over_processes(totals: EpochTotals, dist: Distributed, device: torch.device) -> EpochTotals:
+    loss_sum, bow_sum, tokens, images, skipped = dist.sum(
+        [totals.loss_sum, totals.bow_sum, totals.tokens, totals.images, totals.skipped_images], device)
+    return EpochTotals(loss_sum, bow_sum, int(tokens), int(images), totals.batches, totals.steps, int(skipped),
+                       totals.nonfinite_steps)
+
+
+def _restore(payload: dict[str, Any], path: str, model, optimizer, scheduler, steps_per_epoch: int, out: Path):
+    """Load a checkpoint's training state -> (epoch to run next, best metric, epoch records, mid-epoch totals)."""
+    saved_steps = payload.get("steps_per_epoch", steps_per_epoch)
+    if saved_steps != steps_per_epoch:
+        raise CaptionerError(f"checkpoint {path} was written with {saved_steps} batches per epoch, but the training "
+                             f"set now gives {steps_per_epoch}: the data changed since, so the run cannot resume")
+    model.load_state_dict(clean_state_dict(payload["model"]))
+    optimizer.load_state_dict(payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    set_rng_state(payload["rng"])
+    epoch, batches = payload["epoch"], payload.get("epoch_batches", 0)
+    history = list(payload["history"]) if "history" in payload else _history_before(out, epoch)
+    if batches:  # stopped inside `epoch`: run the rest of it
+        log.info("resuming epoch %d at batch %d of %d", epoch, batches, steps_per_epoch)
+        return epoch, payload["best_metric"], history, EpochTotals(**payload["epoch_totals"])
+    return epoch + 1, payload["best_metric"], history, None

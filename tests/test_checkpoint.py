@@ -1,13 +1,18 @@
+import errno
 import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from captioner.checkpoint import load_checkpoint, load_model, save_checkpoint, tokenizer_payload
+from captioner.checkpoint import load_checkpoint, load_model, remove_stale_temporaries, save_checkpoint, \
+    tokenizer_payload
 from captioner.config import RunConfig
 from captioner.decoding import decode
-from captioner.errors import CheckpointError
+from captioner.errors import CheckpointError, CheckpointWriteError
 from captioner.text import Tokenizer
 from conftest import tiny_model_config
 from captioner.models.captioner import Captioner
@@ -60,16 +65,90 @@ def test_corrupt_missing_and_foreign_files_give_clear_errors(tmp_path):
         load_checkpoint(tmp_path / "other.pt")
 
 
-def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+# Each runs in a child process: one under a file-size limit (the kernel refuses writes past it with EFBIG,
+# as a full disk refuses them with ENOSPC), one as an unprivileged user in a read-only folder.
+WRITE_UNDER_LIMIT = """
+import resource, signal, sys, torch
+from captioner.checkpoint import save_checkpoint
+from captioner.errors import CheckpointWriteError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process instead of failing the write
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    save_checkpoint(sys.argv[1], {"model": {"w": torch.zeros(1 << 16)}, "config": {}})
+except CheckpointWriteError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+WRITE_AS_NOBODY = """
+import io, os, sys, torch
+from captioner.checkpoint import save_checkpoint
+from captioner.errors import CheckpointWriteError
+torch.save({}, io.BytesIO())  # finish torch's lazy imports while the source tree is still readable
+if os.geteuid() == 0:
+    os.setgid(65534)
+    os.setuid(65534)  # root writes anywhere; an ordinary user cannot write into a read-only folder
+try:
+    save_checkpoint(sys.argv[1], {"model": {"w": torch.zeros(4)}, "config": {}})
+except CheckpointWriteError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+def _run_child(script, *args):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    return subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True,
+                          timeout=120, env=env)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_previous_checkpoint(tmp_path):
+    _tiny_checkpoint(tmp_path / "last.pt")  # written before the child's 64 KB limit applies
+    before = (tmp_path / "last.pt").read_bytes()
+    proc = _run_child(WRITE_UNDER_LIMIT, tmp_path / "last.pt")
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write checkpoint" in proc.stdout and "File too large" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary file left behind
+
+
+def test_read_only_folder_is_a_clear_error_and_keeps_previous_checkpoint(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    _tiny_checkpoint(folder / "last.pt")
+    before = (folder / "last.pt").read_bytes()
+    tmp_path.chmod(0o755)
+    folder.chmod(0o555)
+    (folder / "last.pt").chmod(0o644)
+    try:
+        proc = _run_child(WRITE_AS_NOBODY, folder / "last.pt")
+    finally:
+        folder.chmod(0o755)
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot write checkpoint" in proc.stdout and "Permission denied" in proc.stdout
+    assert (folder / "last.pt").read_bytes() == before
+
+
+def test_failure_at_fsync_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """Some filesystems report a full disk only when the data is flushed."""
     _tiny_checkpoint(tmp_path / "m.pt")
     before = (tmp_path / "m.pt").read_bytes()
 
-    def broken_save(obj, f, *args, **kwargs):
-        f.write(b"partial")
-        raise OSError(28, "No space left on device")
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(CheckpointError, match="No space left"):
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
         save_checkpoint(tmp_path / "m.pt", {"model": {}, "config": {}})
     assert (tmp_path / "m.pt").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    (tmp_path / ".last.pt.abc123.tmp").write_bytes(b"torn")
+    (tmp_path / "last.pt").write_bytes(b"kept")
+    (tmp_path / "notes.tmp").write_bytes(b"not ours")
+    removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]

@@ -99,6 +99,7 @@ def test_load_karpathy_splits_paths_and_ids(tmp_path):
     ({"images": [{"split": "train", "imgid": 0, "sentences": []}]}, "images[0] is missing key 'filename'"),
     ({"images": [_karpathy_item(0, "dev")]}, "'dev'"),
     ({"images": [{**_karpathy_item(0, "test"), "sentences": [{"tokens": []}]}]}, "'raw'"),
+    ({"images": [_karpathy_item(7, "train"), _karpathy_item(7, "train")]}, "images[1] repeats image id 7"),
 ])
 def test_load_karpathy_malformed(tmp_path, data, expected):
     with pytest.raises(DatasetFormatError, match="k.json") as err:
@@ -142,6 +143,10 @@ def test_load_flickr8k_errors(tmp_path):
         token.write_text(content)
         with pytest.raises(DatasetFormatError, match=rf"Flickr8k\.token\.txt', line {lineno}"):
             load_flickr8k(root, "train")
+    token.write_text("a.jpg#0\tfine\n")
+    (root / "Flickr8k_text" / "Flickr_8k.trainImages.txt").write_text("a.jpg\nb.jpg\na.jpg\n")
+    with pytest.raises(DatasetFormatError, match=r"trainImages\.txt', line 3: a\.jpg is already listed on line 1"):
+        load_flickr8k(root, "train")
     (root / "Flicker8k_Dataset").rmdir()
     with pytest.raises(DatasetFormatError, match="Flicker8k_Dataset.*Images"):
         load_flickr8k(root, "train")

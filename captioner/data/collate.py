@@ -13,6 +13,9 @@ from typing import Any, Sequence
 import torch
 
 from ..text import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from .sampling import mix_seed
+
+_CAPTION_STREAM = 1  # keeps the caption choice's random stream apart from the augmentation's
 
 
 @dataclass
@@ -43,10 +46,12 @@ class CaptionCollate:
         captions_per_image 0 keeps all; tokenizer None skips tokenisation (evaluation batches)."""
         self.tokenizer, self.max_len, self.captions_per_image = tokenizer, max_len, captions_per_image
 
-    def _sample(self, encoded: list[list[int]]) -> list[list[int]]:
-        """The captions this step trains on: all, or `captions_per_image` drawn without replacement."""
+    def _sample(self, encoded: list[list[int]], seed: int | None) -> list[list[int]]:
+        """The captions this step trains on: all, or `captions_per_image` drawn without replacement (from
+        the item's own seed when it has one, see data/sampling.py; else from torch's global RNG)."""
         if self.captions_per_image:
-            picks = torch.randperm(len(encoded))[: self.captions_per_image].tolist()
+            generator = None if seed is None else torch.Generator().manual_seed(mix_seed(seed, _CAPTION_STREAM))
+            picks = torch.randperm(len(encoded), generator=generator)[: self.captions_per_image].tolist()
             encoded = [encoded[i] for i in picks]
         return [ids[: self.max_len - 1] for ids in encoded]
 
@@ -61,7 +66,7 @@ class CaptionCollate:
                 encoded = [self.tokenizer.encode(c) for c in it["captions"]]
                 for ids in encoded:
                     bow[image_row, ids] = 1.0
-                chosen = self._sample(encoded)
+                chosen = self._sample(encoded, it.get("seed"))
                 rows += chosen
                 owners += [image_row] * len(chosen)
         length = max((len(r) for r in rows), default=0) + 1

@@ -16,13 +16,18 @@ from torch.utils.data import Dataset
 from ..errors import ImageReadError
 from .images import load_image
 from .records import ImageRecord
+from .sampling import ItemKey
 from .transforms import TrainAugment, resize_to_tensor
 
 logger = logging.getLogger(__name__)
 
 
 class CaptionDataset(Dataset):
-    """Items: dict(image=uint8 (3, S, S), captions=list[str], image_id=..., path=str, index=i).
+    """Items: dict(image=uint8 (3, S, S), captions=list[str], image_id=..., path=str, index=i, seed=s|None).
+
+    Indexed by an int, or by an ItemKey(index, seed) from EpochSampler: then the augmentation and the
+    collate's caption choice draw from generators seeded by `seed`, so an item's randomness depends only on
+    (run seed, epoch, index), not on worker processes or on where a resumed run restarted.
 
     An unreadable image (ImageReadError) yields None instead of an item, so one bad file in 100k costs
     one sample rather than the run; the collate function must drop the Nones. Its path is appended once to
@@ -57,20 +62,23 @@ class CaptionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict[str, Any] | None:
+    def __getitem__(self, key: int | ItemKey) -> dict[str, Any] | None:
+        index, seed = (key.index, key.seed) if isinstance(key, ItemKey) else (key, None)
         index = range(len(self.records))[index]  # IndexError out of range; -1 shares index n-1's cache slot
         record = self.records[index]
         image = self._image(index, record)
         if image is None:
             return None
         if self.augment is not None:
-            image = self.augment(image)
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            image = self.augment(image, generator)
         return {
             "image": image,
             "captions": list(record.captions),
             "image_id": record.image_id,
             "path": str(record.path),
             "index": index,
+            "seed": seed,
         }
 
     def _image(self, index: int, record: ImageRecord) -> torch.Tensor | None:

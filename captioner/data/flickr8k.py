@@ -88,8 +88,17 @@ def _parse_token_line(line: str, path: Path, lineno: int) -> tuple[str, str]:
 
 
 def read_split_list(path: Path) -> list[str]:
-    """The file names listed in a split file, one per line, blank lines ignored."""
-    return [line.strip() for line in _read_lines(path, "Flickr8k split list") if line.strip()]
+    """The file names listed in a split file, one per line, blank lines ignored; a name listed twice is an
+    error (it would be trained on twice and collide with itself in results keyed by file name)."""
+    names: dict[str, int] = {}
+    for lineno, line in enumerate(_read_lines(path, "Flickr8k split list"), start=1):
+        name = line.strip()
+        if not name:
+            continue
+        if name in names:
+            raise DatasetFormatError(f"'{path}', line {lineno}: {name} is already listed on line {names[name]}")
+        names[name] = lineno
+    return list(names)
 
 
 def _read_lines(path: Path, what: str) -> list[str]:

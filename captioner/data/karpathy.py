@@ -37,11 +37,15 @@ def load_karpathy(karpathy_json: str | Path, root: str | Path, split: str) -> li
             f"'{karpathy_json}': expected a JSON object at the top level, got {type(data).__name__}"
         )
     images = require(data, "images", list, "the top-level object", karpathy_json)
-    records, skipped = [], 0
+    records, skipped, seen = [], 0, {}
     for i, item in enumerate(images):
         record = _record(item, i, Path(root), karpathy_json, _SPLIT_MEMBERS[split])
         if record is None:
             continue
+        if record.image_id in seen:  # results files and scores are keyed by image id: two would collide
+            raise DatasetFormatError(f"'{karpathy_json}': images[{i}] repeats image id {record.image_id} of "
+                                     f"images[{seen[record.image_id]}]")
+        seen[record.image_id] = i
         if record.captions:
             records.append(record)
         else:

@@ -7,9 +7,10 @@ Nothing here crops away content, flips or changes hue: captions say "on the left
 
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
-from torchvision.transforms import RandomResizedCrop
 from torchvision.transforms import functional as TF
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,8 +49,8 @@ class TrainAugment:
 
     A random resized crop keeping 85-100% of the area at a near-square aspect (objects near the edges
     survive), then a small brightness and contrast jitter. No flips and no hue change: captions name
-    left/right and colours. Randomness comes from torch's global RNG, so torch.manual_seed (and the
-    DataLoader's per-worker seeding) makes it reproducible.
+    left/right and colours. Randomness comes from `generator` when given (training passes one seeded per
+    item and epoch, see data/sampling.py), else from torch's global RNG.
     """
 
     def __init__(
@@ -71,18 +72,35 @@ class TrainAugment:
         self.brightness = brightness
         self.contrast = contrast
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"TrainAugment expects a uint8 (3, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
-        top, left, height, width = RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio))
+        top, left, height, width = self._crop_box(image.shape[1], image.shape[2], generator)
         size = [self.image_size, self.image_size]
         out = TF.resized_crop(image, top, left, height, width, size, antialias=True)
-        return _jitter(out, self._factor(self.brightness), self._factor(self.contrast))
+        brightness = _uniform(1.0 - self.brightness, 1.0 + self.brightness, generator)
+        contrast = _uniform(1.0 - self.contrast, 1.0 + self.contrast, generator)
+        return _jitter(out, brightness, contrast)
 
-    @staticmethod
-    def _factor(strength: float) -> float:
-        """A multiplicative factor drawn uniformly from [1 - strength, 1 + strength]."""
-        return float(torch.empty(1).uniform_(1.0 - strength, 1.0 + strength))
+    def _crop_box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
+        """(top, left, h, w) of a crop covering `scale` of the area at an aspect ratio in `ratio` (log-uniform);
+        after ten misses (a box that does not fit), the whole image."""
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * _uniform(*self.scale, generator)
+            aspect = math.exp(_uniform(*log_ratio, generator))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                return top, left, h, w
+        return 0, 0, height, width
+
+
+def _uniform(low: float, high: float, generator: torch.Generator | None) -> float:
+    return low + (high - low) * float(torch.rand(1, generator=generator))
 
     def __repr__(self) -> str:
         return (

@@ -1,0 +1,60 @@
+"""Two CPU processes under torchrun (gloo) train like one process with the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from captioner.checkpoint import load_checkpoint, load_model
+from conftest import TINY
+
+
+def train_args(dataset, out: Path, batch_size: int) -> list[str]:
+    d = dataset
+    # A frozen trunk and no dropout: nothing then depends on how a global batch is split between processes
+    # (BatchNorm in trained stages would see per-process batches; dropout draws per-process random numbers).
+    return ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+            str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+            "--out", str(out), "--epochs", "2", *TINY, "--batch-size", str(batch_size), "--trainable-layers", "0",
+            "--dropout", "0", "--lr", "3e-3"]
+
+
+def run(command: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(synthetic_dataset, tmp_path):
+    single = run([sys.executable, "-m", "captioner.cli", *train_args(synthetic_dataset, tmp_path / "one", 16)])
+    assert single.returncode == 0, single.stderr
+    double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "-m", "captioner.cli", *train_args(synthetic_dataset, tmp_path / "two", 8)])
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    # Rank 0 alone wrote the run folder: one log line per epoch, one result line on stdout.
+    one = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    two = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in two] == [1, 2]
+    assert double.stdout.count("best_val_Bleu_4") == 1
+    # Validation was decoded across both processes and gathered: every image scored once.
+    assert all(r["val_num_images"] == 8 for r in two)
+    for a, b in zip(one, two):
+        assert b["images"] == a["images"] == 48  # summed over the processes, each of which saw half
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-3 * a["train_loss"]
+        for n in (1, 4):
+            assert abs(a[f"val_Bleu_{n}"] - b[f"val_Bleu_{n}"]) <= 0.02
+
+    # The same checkpoint format as a single process, and nearly the same weights (the same updates, summed
+    # in a different order).
+    expected, got = load_checkpoint(tmp_path / "one" / "last.pt")["model"], load_checkpoint(tmp_path / "two" /
+                                                                                          "last.pt")["model"]
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.allclose(expected[name].float(), got[name].float(), atol=2e-4, rtol=1e-3), name
+    model, tokenizer, cfg = load_model(tmp_path / "two" / "best.pt")
+    assert cfg.model.vocab_size == tokenizer.vocab_size
