@@ -6,7 +6,8 @@ figure state, so the server can draw figures in several threads at once.
 
 Where the maps come from: the bridges hand the decoder one memory token per cell of the trunk's grid, in
 row-major order, and images are resized to a square before encoding, so N attention weights reshape to a
-square (h, w) grid that covers the whole image (stretched back to the image's own aspect ratio here).
+square (h, w) grid that covers the whole image (stretched back to the image's own aspect ratio here). Where on
+the image each cell sits is what the trunk's geometry says (see `upsample`).
 """
 
 from __future__ import annotations
@@ -87,9 +88,25 @@ def hypothesis_attention(tokenizer: Tokenizer, hypothesis: Hypothesis) -> WordAt
 
 
 def upsample(grid: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(h, w) map -> (height, width), bilinear, so each grid cell's weight covers its part of the image."""
-    cells = Image.fromarray(grid.astype(np.float32))  # mode "F"
-    return np.asarray(cells.resize((width, height), Image.Resampling.BILINEAR))
+    """(h, w) map -> (height, width), bilinear between the points of the image the cells are centred on.
+
+    A ResNet's padded, strided convolutions centre output cell i on input pixel 32 * i, the top-left corner
+    of its 32-pixel block, not the block's middle (conv1 and every stride-2 stage map i to 2i). So cell
+    (r, c) of an h x w grid sits at (r / h, c / w) of the image, and a plain image resize, which centres it
+    at ((r + 0.5) / h, (c + 0.5) / w), would draw every map half a cell too far right and down. Beyond the
+    last centre the map keeps the last cell's value."""
+    return _interpolation(grid.shape[0], height) @ grid.astype(np.float32) @ _interpolation(grid.shape[1], width).T
+
+
+def _interpolation(cells: int, pixels: int) -> np.ndarray:
+    """(pixels, cells) linear interpolation weights for cells centred at i / cells of the length."""
+    position = np.clip((np.arange(pixels) + 0.5) * cells / pixels, 0, cells - 1)  # in cells
+    low = np.floor(position).astype(int)
+    high = np.minimum(low + 1, cells - 1)
+    weights = np.zeros((pixels, cells), dtype=np.float32)
+    np.add.at(weights, (np.arange(pixels), low), 1.0 - (position - low))
+    np.add.at(weights, (np.arange(pixels), high), position - low)
+    return weights
 
 
 def highlight(pixels: np.ndarray, heat: np.ndarray, floor: float = 0.15) -> np.ndarray:

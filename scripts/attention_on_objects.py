@@ -3,7 +3,7 @@
 A number behind the README's attention figure, so "the map highlights the object" is measured rather than
 eyeballed on one image. The objects of a synthetic scene are found from its pixels: the background is one
 colour (the median of the border pixels), and pixels far from it are object. A grid cell holds the object when
-more than 2% of its area is object. Words are grouped into shape nouns, colour words and the rest; for each
+more than 2% of the area it stands for is object. Words are grouped into shape nouns, colour words and the rest; for each
 group the script prints the mean attention mass on object cells next to the object cells' share of the grid,
 which is what a map that ignores the image would score.
 
@@ -34,12 +34,20 @@ OBJECT_DISTANCE = 90  # summed |RGB difference| from the background beyond which
 
 
 def object_cells(image: Image.Image, grid: tuple[int, int]) -> np.ndarray:
-    """(h, w) boolean: cells of the encoder grid that hold part of an object."""
+    """(h, w) boolean: cells of the encoder grid that hold part of an object. Cell (r, c) is centred at
+    (r / h, c / w) of the image, as visualize.upsample explains, and reaches half a cell either side."""
     pixels = np.asarray(image).astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     is_object = np.abs(pixels - np.median(border, axis=0)).sum(axis=-1) > OBJECT_DISTANCE
-    area = Image.fromarray(is_object.astype(np.float32)).resize((grid[1], grid[0]), Image.Resampling.BOX)
-    return np.asarray(area) > 0.02
+    height, width = is_object.shape
+    cell_h, cell_w = height / grid[0], width / grid[1]
+    cells = np.zeros(grid, dtype=bool)
+    for r in range(grid[0]):
+        for c in range(grid[1]):
+            top, bottom = round(max(0.0, (r - 0.5) * cell_h)), round(min(height, (r + 0.5) * cell_h))
+            left, right = round(max(0.0, (c - 0.5) * cell_w)), round(min(width, (c + 0.5) * cell_w))
+            cells[r, c] = is_object[top:bottom, left:right].mean() > 0.02
+    return cells
 
 
 def word_kind(word: str) -> str:

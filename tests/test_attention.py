@@ -120,6 +120,22 @@ def test_word_attention_groups_subword_pieces():
         visualize.word_attention(["\u2581a"], torch.ones(1, 6) / 6)
 
 
+def test_upsample_places_each_cell_where_the_trunk_centres_it():
+    """A ResNet cell i is centred on input pixel 32 * i: on a 128px image, 4 cells at 0, 32, 64, 96."""
+    grid = np.zeros((4, 4), dtype=np.float32)
+    grid[1, 2] = 1.0
+    heat = visualize.upsample(grid, 128, 128)
+    assert heat.shape == (128, 128)
+    row, col = np.unravel_index(heat.argmax(), heat.shape)
+    assert abs(row - 32) <= 1 and abs(col - 64) <= 1  # not at the block's middle (48, 80)
+    assert heat[0, 0] == 0.0 and heat.max() == pytest.approx(1.0, abs=0.04)  # pixel centres miss it by half a pixel
+    last = np.zeros((4, 4), dtype=np.float32)
+    last[3, 3] = 1.0
+    assert (visualize.upsample(last, 128, 128)[100:, 100:] == 1.0).all()  # beyond the last centre: held
+    flat = visualize.upsample(np.full((4, 4), 1 / 16, dtype=np.float32), 50, 30)
+    np.testing.assert_allclose(flat, 1 / 16, rtol=1e-5)
+
+
 def test_highlight_keeps_the_peak_and_darkens_the_rest():
     pixels = np.full((2, 2, 3), 200, dtype=np.uint8)
     lit = visualize.highlight(pixels, np.array([[0.0, 1.0], [0.5, 0.0]]), floor=0.2)
