@@ -74,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     _add_decoding_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--attention", default="", metavar="OUT_DIR",
+                   help="also write OUT_DIR/<image>.png: the image and, per word of the best caption, where the "
+                        "decoder looked")
+    p.add_argument("--attention-layer", type=int, default=-1,
+                   help="Transformer decoder layer whose cross-attention (averaged over heads) is drawn (-1 = last)")
+
+    p = sub.add_parser("plot", help="training curves of a run (loss, validation BLEU, learning rate) as PNGs")
+    p.add_argument("run", metavar="RUN", help="run folder (or its log.jsonl)")
+    p.add_argument("--out", default="", help="folder for the PNGs (default: the run folder)")
 
     p = sub.add_parser("make-synthetic", help="write a synthetic scenes dataset in COCO caption format")
     p.add_argument("out")
@@ -96,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_benchmark_arguments(kinds.add_parser("train", help="training images/s: from JPEG, from cached features, "
                                                    "vs a plain fp32 baseline"))
+
+    p = sub.add_parser("serve", help="web page and JSON API that caption uploaded images (loopback by default)")
+    from .serve import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
 
     p = sub.add_parser("demo", help="synthetic data -> train -> evaluate -> caption, on CPU in a few minutes")
     p.add_argument("--out", default="runs/demo")

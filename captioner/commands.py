@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 
 from .checkpoint import load_model
 from .data.factory import evaluation_loader, load_records
-from .data.images import list_images
+from .data.images import list_images, load_image
 from .data.records import ImageRecord
 from .decoding import DecodeOptions
-from .engine import caption_batches, evaluate as evaluate_loader
+from .engine import decode_batches, evaluate as evaluate_loader
 from .errors import CaptionerError
 from .report import write_coco_results, write_error_report, write_per_image_scores
 from .training import existing_feature_store, fit, resolve_device
@@ -48,9 +49,13 @@ def extract_features(args) -> int:
 
 
 def train(args) -> int:
+    from .curves import require_tensorboard
     from .train_cli import config_from_args
 
-    result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress)
+    cfg = config_from_args(args)
+    if cfg.train.tensorboard:
+        require_tensorboard()  # before any work: the missing package is named, not found after an epoch
+    result = fit(cfg, resume=args.resume, progress=not args.no_progress)
     if result["rank"] == 0:  # under torchrun, one line for the whole run
         print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"]}))
     return 0
@@ -87,6 +92,8 @@ def evaluate(args) -> int:
 
 
 def caption(args) -> int:
+    from . import visualize
+
     options = decode_options(args)
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_model(args.checkpoint, device)
@@ -96,19 +103,39 @@ def caption(args) -> int:
         raise CaptionerError(str(exc)) from None
     if not paths:
         raise CaptionerError(f"no images found in {' '.join(args.paths)}")
+    figures, used_names = None, set()
+    if args.attention:
+        options = replace(options, attention_layer=visualize.check_attention_layer(model, args.attention_layer))
+        figures = Path(args.attention)
+        figures.mkdir(parents=True, exist_ok=True)
     records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
-    for batch, hyps in caption_batches(model, loader, tokenizer, device, options):
+    for batch, hyps in decode_batches(model, loader, device, options):
         for path, per_image in zip(batch.paths, hyps):
+            entry = {"path": path, "captions": [{"caption": tokenizer.decode(h.tokens), "score": round(h.score, 4)}
+                                                for h in per_image]}
+            if figures is not None:  # the best caption's attention, drawn over the image as the user gave it
+                figure = visualize.figure_path(figures, path, used_names)
+                figure.write_bytes(visualize.attention_png(load_image(path), tokenizer, per_image[0]))
+                entry["attention"] = str(figure)
             if args.json:
-                entries = [{"caption": text, "score": round(score, 4)} for text, score in per_image]
-                print(json.dumps({"path": path, "captions": entries}), flush=True)
+                print(json.dumps(entry), flush=True)
             else:
-                print(f"{path}\t{per_image[0][0]}", flush=True)
+                print(f"{path}\t{entry['captions'][0]['caption']}", flush=True)
     failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
     if failed:
         print(f"captioner caption: {len(failed)} of {len(paths)} image(s) could not be read", file=sys.stderr)
     return 1 if failed else 0
+
+
+def plot(args) -> int:
+    from .curves import plot_curves, read_log
+
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
+    written = plot_curves(read_log(run), out)
+    print(json.dumps({"plots": [str(p) for p in written]}))
+    return 0
 
 
 def make_synthetic(args) -> int:
@@ -129,6 +156,12 @@ def benchmark(args) -> int:
     from .benchmarks import decode, train
 
     return {"decode": decode, "train": train}[args.benchmark].run_from_args(args)
+
+
+def serve(args) -> int:
+    from .serve import run_from_args
+
+    return run_from_args(args)
 
 
 def demo(args) -> int:

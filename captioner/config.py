@@ -47,6 +47,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out: str = "runs/default"
+    tensorboard: bool = False  # also write each epoch's log record as TensorBoard scalars to OUT/tensorboard
     epochs: int = 10
     batch_size: int = 16
     accumulate: int = 1  # batches whose gradients are summed per update (effective batch = batch_size x this)

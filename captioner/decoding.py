@@ -32,6 +32,9 @@ class DecodeOptions:
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0  # nucleus: keep the smallest set of tokens with this much probability mass
     seed: int | None = None  # sampling seed; None draws a fresh one
+    # Keep where the decoder looked for every generated token (Hypothesis.attention): the Transformer's
+    # cross-attention of this layer (-1 = last) averaged over heads, or the LSTM's soft attention. None: off.
+    attention_layer: int | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -65,6 +68,9 @@ class DecodeOptions:
 class Hypothesis:
     tokens: list[int]  # without bos/eos
     score: float  # length-normalised log-probability used for ranking
+    # (len(tokens), N) float32 on the CPU: the attention over memory tokens of the step that chose each token;
+    # only when decoding was asked for it (DecodeOptions.attention_layer)
+    attention: torch.Tensor | None = None
 
 
 def _strip(ids: list[int]) -> list[int]:
@@ -111,12 +117,30 @@ def ban_repeated_ngrams(log_probs: torch.Tensor, history: torch.Tensor, n: int) 
 
 
 def _rank(tokens: torch.Tensor, log_prob: torch.Tensor, lengths: torch.Tensor, per_image: int, num_return: int,
-          options: DecodeOptions) -> list[list[Hypothesis]]:
-    """tokens (B*P, T), log_prob and lengths (B*P,) -> per image the `num_return` best of its P rows."""
+          options: DecodeOptions, attention: torch.Tensor | None = None) -> list[list[Hypothesis]]:
+    """tokens (B*P, T), log_prob and lengths (B*P,) -> per image the `num_return` best of its P rows.
+    attention (B*P, T, N), when kept, is cut to each hypothesis' tokens."""
     ranked = length_normalise(log_prob, lengths, options.length_penalty, options.length_norm).view(-1, per_image)
     order = ranked.argsort(dim=1, descending=True)[:, :num_return].tolist()
     seqs, ranked = tokens.view(ranked.shape[0], per_image, -1).tolist(), ranked.tolist()
-    return [[Hypothesis(_strip(seqs[i][j]), ranked[i][j]) for j in row] for i, row in enumerate(order)]
+    if attention is not None:
+        attention = attention.float().cpu().view(len(seqs), per_image, *attention.shape[1:])  # (B, P, T, N)
+    hypotheses = []
+    for i, row in enumerate(order):
+        hypotheses.append([])
+        for j in row:
+            kept = _strip(seqs[i][j])
+            looked = None if attention is None else attention[i, j, : len(kept)].clone()
+            hypotheses[-1].append(Hypothesis(kept, ranked[i][j], looked))
+    return hypotheses
+
+
+def _init_state(model, memory: torch.Tensor, memory_mask, options: DecodeOptions):
+    """The decoder's initial state, asking it to keep its attention only when the options want it (decoders
+    that cannot show attention need not know the argument)."""
+    if options.attention_layer is None:
+        return model.init_state(memory, memory_mask)
+    return model.init_state(memory, memory_mask, attention_layer=options.attention_layer)
 
 
 def _sampling_filter(log_probs: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -147,7 +171,7 @@ def _left_to_right(model, memory: torch.Tensor, options: DecodeOptions, copies: 
     A row's score is its log-probability under the model (after the pad/bos/min-length/n-gram bans, before the
     temperature and filters), length-normalised as the options say."""
     b, device = memory.shape[0], memory.device
-    state = model.init_state(memory, memory_mask)
+    state = _init_state(model, memory, memory_mask, options)
     if copies > 1:
         state = state.select(torch.arange(b, device=device).repeat_interleave(copies))
     rows = b * copies
@@ -156,8 +180,11 @@ def _left_to_right(model, memory: torch.Tensor, options: DecodeOptions, copies: 
     total = torch.zeros(rows, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     history = torch.empty((rows, 0), dtype=torch.long, device=device)
+    looked = []  # per step (R, N), when attention is kept
     for t in range(options.max_len):
         log_probs, state = model.step(tokens, state)  # (R, V)
+        if options.attention_layer is not None:
+            looked.append(state.tensors["attention"])
         forbid_tokens(log_probs, t, options.min_len)
         ban_repeated_ngrams(log_probs, history, options.no_repeat_ngram)
         if generator is None:
@@ -173,7 +200,8 @@ def _left_to_right(model, memory: torch.Tensor, options: DecodeOptions, copies: 
         finished |= tokens == EOS_ID
         if bool(finished.all()):
             break
-    return _rank(history, total, lengths, copies, copies, options)
+    attention = torch.stack(looked, dim=1) if looked else None  # (R, T, N)
+    return _rank(history, total, lengths, copies, copies, options, attention)
 
 
 def greedy_decode(model, memory: torch.Tensor, max_len: int, min_len: int = 1, memory_mask=None,
@@ -199,28 +227,34 @@ def sample_decode(model, memory: torch.Tensor, options: DecodeOptions, memory_ma
 @torch.inference_mode()
 def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, length_penalty: float = 0.0,
                 min_len: int = 1, num_return: int = 1, memory_mask=None, no_repeat_ngram: int = 0,
-                length_norm: str = "gnmt") -> list[list[Hypothesis]]:
+                length_norm: str = "gnmt", attention_layer: int | None = None) -> list[list[Hypothesis]]:
     """Batched beam search. memory (B, N, D) -> for each image, `num_return` hypotheses sorted best first.
 
     Finished beams keep their slot with a frozen score (their only continuation is eos at zero cost), so the
     tensors keep a fixed (B, K) shape; the search stops early once every beam has finished. A beam that never
     emits eos still returns its max_len tokens. Beam bookkeeping uses integer division throughout. Beams are
-    selected by raw log-probability; the length penalty ranks the finished hypotheses.
+    selected by raw log-probability; the length penalty ranks the finished hypotheses. With `attention_layer`
+    each hypothesis keeps the attention of the beam steps that built it.
     """
     options = DecodeOptions(beam_size=beam_size, max_len=max_len, min_len=min_len, length_penalty=length_penalty,
-                            length_norm=length_norm, num_return=num_return, no_repeat_ngram=no_repeat_ngram)
+                            length_norm=length_norm, num_return=num_return, no_repeat_ngram=no_repeat_ngram,
+                            attention_layer=attention_layer)
     device = memory.device
     b, k = memory.shape[0], beam_size
     rows = torch.arange(b, device=device)
-    state = model.init_state(memory, memory_mask).select(rows.repeat_interleave(k))  # (B*K, ...)
+    state = _init_state(model, memory, memory_mask, options).select(rows.repeat_interleave(k))  # (B*K, ...)
     tokens = torch.full((b * k,), BOS_ID, dtype=torch.long, device=device)
     scores = torch.full((b, k), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first one at step 0
     finished = torch.zeros(b * k, dtype=torch.bool, device=device)
     lengths = torch.zeros(b * k, dtype=torch.long, device=device)
     history = torch.empty((b * k, 0), dtype=torch.long, device=device)
+    looked = None  # (B*K, t, N) attention of each beam's steps, when kept
     for t in range(max_len):
         log_probs, state = model.step(tokens, state)  # (B*K, V)
+        if attention_layer is not None:
+            step_attention = state.tensors["attention"][:, None]  # (B*K, 1, N), before this step's reordering
+            looked = step_attention if looked is None else torch.cat([looked, step_attention], dim=1)
         vocab = log_probs.shape[-1]
         forbid_tokens(log_probs, t, min_len)
         ban_repeated_ngrams(log_probs, history, no_repeat_ngram)
@@ -234,10 +268,12 @@ def beam_search(model, memory: torch.Tensor, beam_size: int, max_len: int, lengt
         lengths = lengths.index_select(0, source) + (~was_finished).long()
         finished = was_finished | (tokens == EOS_ID)
         history = torch.cat([history.index_select(0, source), tokens[:, None]], dim=1)
+        if looked is not None:
+            looked = looked.index_select(0, source)  # a new beam inherits its source beam's steps
         state = state.reorder_beams(source)  # source rows always belong to the same image
         if bool(finished.all()):
             break
-    return _rank(history, scores.view(-1), lengths, k, num_return, options)
+    return _rank(history, scores.view(-1), lengths, k, num_return, options, looked)
 
 
 def decode(model, memory: torch.Tensor, options: DecodeOptions | None = None, memory_mask=None,
@@ -252,4 +288,5 @@ def decode(model, memory: torch.Tensor, options: DecodeOptions | None = None, me
     if options.beam_size == 1 and options.num_return == 1:
         return _left_to_right(model, memory, options, 1, None, memory_mask)
     return beam_search(model, memory, options.beam_size, options.max_len, options.length_penalty, options.min_len,
-                       options.num_return, memory_mask, options.no_repeat_ngram, options.length_norm)
+                       options.num_return, memory_mask, options.no_repeat_ngram, options.length_norm,
+                       options.attention_layer)

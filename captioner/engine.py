@@ -205,19 +205,41 @@ def encode_batch(model, batch: Batch, device: torch.device, feature_store=None) 
 
 
 @torch.inference_mode()
-def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
-                    options: DecodeOptions | None = None, progress: bool = False, desc: str = "captioning",
-                    feature_store=None):
-    """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
-    options = options or DecodeOptions()
+def decode_images(model, images_uint8: torch.Tensor, device: torch.device,
+                  options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
+    """uint8 images (B, 3, S, S) -> per image its hypotheses, best first (the model must be in eval mode)."""
+    with autocast_for(device):
+        memory = model.encode(prepare_images(images_uint8, device))  # (B, N, D)
+        return decode(model, memory, options or DecodeOptions())
+
+
+@torch.inference_mode()
+def decode_cached(model, batch: Batch, device: torch.device, options: DecodeOptions | None = None,
+                  feature_store=None) -> list[list[Hypothesis]]:
+    """As decode_images, for a batch whose frozen-prefix features come (partly) from a FeatureStore."""
+    with autocast_for(device):
+        memory = encode_batch(model, batch.to(device), device, feature_store)  # (B, N, D)
+        return decode(model, memory, options or DecodeOptions())
+
+
+def decode_batches(model, loader: Iterable[Batch], device: torch.device, options: DecodeOptions | None = None,
+                   progress: bool = False, desc: str = "captioning", feature_store=None):
+    """Yield (batch, hypotheses per image, best first): token ids, scores and, when asked for, attention."""
     model.eval()
     for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False, dynamic_ncols=True):
         if batch.images.shape[0] == 0:
             yield batch, []
-            continue
-        with autocast_for(device):
-            memory = encode_batch(model, batch.to(device), device, feature_store)  # (B, N, D)
-            hyps: list[list[Hypothesis]] = decode(model, memory, options)
+        elif feature_store is None and batch.features is None:
+            yield batch, decode_images(model, batch.images, device, options)
+        else:
+            yield batch, decode_cached(model, batch, device, options, feature_store)
+
+
+def caption_batches(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch.device,
+                    options: DecodeOptions | None = None, progress: bool = False, desc: str = "captioning",
+                    feature_store=None):
+    """Yield (batch, hypotheses per image) with decoded text: [(text, score), ...] best first."""
+    for batch, hyps in decode_batches(model, loader, device, options, progress, desc, feature_store):
         yield batch, [[(tokenizer.decode(h.tokens), h.score) for h in per_image] for per_image in hyps]
 
 

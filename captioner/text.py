@@ -67,6 +67,11 @@ class Tokenizer:
                 kept.append(i)
         return self._sp.decode(kept)
 
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The SentencePiece piece of each id, e.g. ['▁two', '▁small', '▁st', 'ar']: a piece that starts with
+        '▁' begins a word. Used to group subword tokens into the words a person reads."""
+        return [self._sp.id_to_piece(int(i)) for i in ids]
+
     @classmethod
     def train(cls, captions: Iterable[str], vocab_size: int = 4000, model_type: str = "unigram") -> "Tokenizer":
         """Train on normalised captions. `vocab_size` is an upper bound: a dataset with few distinct words

@@ -35,6 +35,7 @@ TRAIN_FLAGS = {
     "--max-len": ("model", "max_len", int),
     "--bow-weight": ("model", "bow_weight", float),
     "--out": ("train", "out", str),
+    "--tensorboard": ("train", "tensorboard", "bool"),
     "--epochs": ("train", "epochs", int),
     "--batch-size": ("train", "batch_size", int),
     "--accumulate": ("train", "accumulate", int),

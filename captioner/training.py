@@ -28,6 +28,7 @@ from tqdm import tqdm
 from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, \
     set_rng_state, tokenizer_from_payload, tokenizer_payload
 from .config import RunConfig
+from .curves import TENSORBOARD_DIR, write_epoch_scalars
 from .data.collate import CaptionCollate
 from .data.dataset import CaptionDataset
 from .data.factory import load_records
@@ -361,6 +362,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             log.info("epoch %d: loss %.4f, val BLEU-4 %.4f%s, %.1f img/s, e.g. %r", epoch, stats["train_loss"],
                      metrics["Bleu_4"], " (best)" if is_best else "", record["images_per_second"],
                      record["example"])
+            if t.tensorboard and dist.rank == 0:
+                write_epoch_scalars(out / TENSORBOARD_DIR, record)
             stop.raise_if_received(f"after epoch {epoch}", out)
     return {"out": str(out), "best_bleu_4": best, "history": history, "rank": dist.rank}
 

@@ -7,8 +7,10 @@ should cost one skipped sample with a clear message, not a crashed epoch or a si
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,18 +38,35 @@ def load_image(path: str | Path) -> Image.Image:
     path = Path(path)
     _check_file(path)
     try:
-        with path.open("rb") as handle, Image.open(handle) as img:
-            _check_pixels(path, img)
+        with path.open("rb") as handle:
+            return _decode(handle, path)
+    except ImageReadError:
+        raise
+    except Exception as exc:  # opening the file
+        raise ImageReadError(f"cannot read image '{path}': {_describe(exc)}") from None
+
+
+def load_image_bytes(data: bytes, name: str) -> Image.Image:
+    """As load_image, for an image already in memory (a web upload); error messages call it `name`."""
+    if not data:
+        raise ImageReadError(f"cannot read image '{name}': file is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(handle: BinaryIO, name: str | Path) -> Image.Image:
+    try:
+        with Image.open(handle) as img:
+            _check_pixels(name, img)
             img.load()
             return _to_rgb(ImageOps.exif_transpose(img))
     except ImageReadError:
         raise
     except UnidentifiedImageError:
-        raise ImageReadError(f"cannot read image '{path}': not a recognised image format") from None
+        raise ImageReadError(f"cannot read image '{name}': not a recognised image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the latter under -W error
-        raise ImageReadError(f"cannot read image '{path}': decompression bomb ({exc})") from None
+        raise ImageReadError(f"cannot read image '{name}': decompression bomb ({exc})") from None
     except Exception as exc:  # PIL's decoders raise OSError, SyntaxError, ValueError, struct.error, ...
-        raise ImageReadError(f"cannot read image '{path}': {_describe(exc)}") from None
+        raise ImageReadError(f"cannot read image '{name}': {_describe(exc)}") from None
 
 
 def _describe(exc: Exception) -> str:
@@ -71,7 +90,7 @@ def _check_file(path: Path) -> None:
         raise ImageReadError(f"cannot read image '{path}': file is empty (0 bytes)")
 
 
-def _check_pixels(path: Path, img: Image.Image) -> None:
+def _check_pixels(path: str | Path, img: Image.Image) -> None:
     """Refuse to decode an image whose header claims more pixels than the limit: the smaller of
     MAX_IMAGE_PIXELS and PIL's own Image.MAX_IMAGE_PIXELS (PIL merely warns up to twice its limit)."""
     limit = MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS is None else min(MAX_IMAGE_PIXELS, Image.MAX_IMAGE_PIXELS)

@@ -20,7 +20,7 @@ DECODERS = ("transformer", "lstm")
 class TrainOutput(NamedTuple):
     logits: torch.Tensor  # (C, T, V)
     bow_logits: torch.Tensor | None  # (B, V), None without the bag-of-words head
-    attention: torch.Tensor | None  # (C, T, N) soft attention of the LSTM decoder (for its regulariser), else None
+    attention: torch.Tensor | None  # (C, T, N) where the decoder looked, when asked for (see forward_train)
 
 
 def build_decoder(cfg: ModelConfig) -> nn.Module:
@@ -57,16 +57,26 @@ class Captioner(nn.Module):
         Returns logits (C, T, V)."""
         return self.forward_train(images, tokens_in, caption_image_index).logits
 
+    @property
+    def regularises_attention(self) -> bool:
+        """Whether training adds the doubly stochastic attention regulariser: Show, Attend and Tell's, for the
+        LSTM's soft attention only (a Transformer's cross-attention heads are not meant to cover every cell)."""
+        return self.cfg.decoder == "lstm" and self.cfg.attention_reg > 0
+
     def forward_train(self, images: torch.Tensor | None, tokens_in: torch.Tensor,
                       caption_image_index: torch.Tensor | None = None,
-                      prefix_features: torch.Tensor | None = None) -> TrainOutput:
+                      prefix_features: torch.Tensor | None = None,
+                      return_attention: bool | None = None) -> TrainOutput:
         """As forward, plus what the auxiliary losses need. `prefix_features`, the cached output of the frozen
-        trunk prefix, replaces `images` when given."""
+        trunk prefix, replaces `images` when given. The decoder's attention (C, T, N) comes back when
+        `return_attention` says so; by default only when a loss needs it (`regularises_attention`)."""
         if prefix_features is None:
             prefix_features = self.encoder.forward_prefix(images)
         memory = self.bridge(self.encoder.forward_suffix(prefix_features))  # (B, N, D)
+        if return_attention is None:
+            return_attention = self.regularises_attention
         attention = None
-        if isinstance(self.decoder, LSTMDecoder):
+        if return_attention:
             logits, attention = self.decoder(memory, tokens_in, caption_image_index=caption_image_index,
                                              return_attention=True)  # (C, T, V), (C, T, N)
         else:
@@ -74,8 +84,8 @@ class Captioner(nn.Module):
         bow_logits = None if self.bow_head is None else self.bow_head(memory.mean(dim=1))  # (B, V)
         return TrainOutput(logits, bow_logits, attention)
 
-    def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
-        return self.decoder.init_state(memory, memory_mask)
+    def init_state(self, memory: torch.Tensor, memory_mask=None, attention_layer: int | None = None) -> DecoderState:
+        return self.decoder.init_state(memory, memory_mask, attention_layer)
 
     def step(self, tokens: torch.Tensor, state: DecoderState) -> tuple[torch.Tensor, DecoderState]:
         return self.decoder.step(tokens, state)

@@ -96,7 +96,12 @@ class LSTMDecoder(nn.Module):
         return (logits, torch.stack(alphas, dim=1)) if return_attention else logits
 
     # --- step interface -------------------------------------------------------------------------------------
-    def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
+    def init_state(self, memory: torch.Tensor, memory_mask=None, attention_layer: int | None = None) -> DecoderState:
+        """`attention_layer` is accepted for the common interface: the LSTM has one attention (layer 0 or -1),
+        which every step keeps anyway."""
+        if attention_layer not in (None, 0, -1):
+            raise ValueError(f"attention layer {attention_layer} does not exist: the LSTM decoder has one soft "
+                             "attention (use 0 or -1)")
         return DecoderState(position=0, tensors=self._initial(memory, memory_mask),
                             per_image=frozenset({"memory", "projected", "memory_mask"}))
 

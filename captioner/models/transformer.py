@@ -6,6 +6,10 @@ Two ways in, one set of weights:
   values are projected once per image in `init_state`; each step appends one self-attention key/value per
   layer, so a step costs O(prefix) instead of re-running the decoder over the whole prefix.
 
+Both can also return where the decoder looked: one layer's cross-attention weights averaged over heads
+(`return_attention=True`, or `init_state(..., attention_layer=L)`). Only that layer recomputes its weights
+beside the fused attention kernel; without the request nothing extra is computed.
+
 Padding convention: masks are True where padded. Captions are right-padded, so the causal mask alone already
 keeps every real position from attending to padding; padded positions are ignored by the loss.
 """
@@ -40,12 +44,25 @@ class Attention(nn.Module):
         k, v = self.kv(x).chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)  # each (B, nh, S, hd)
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False,
+               return_weights: bool = False):
+        """-> (B, T, D) [, attention weights averaged over heads (B, T, S), before dropout, if return_weights;
+        for cross-attention only (no causal mask is applied to the weights)].
+
+        The fused kernel does not return its weights, so they are recomputed beside it (one more q.k product,
+        for the one layer that is asked): the output itself is the fused kernel's, so watching the attention
+        cannot change a caption."""
         q = self.split_heads(self.q(x))  # (B, nh, T, hd)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         b, _, t, _ = y.shape
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        out = self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        if not return_weights:
+            return out
+        scores = (q @ k.transpose(-2, -1)).float() * self.head_dim**-0.5  # (B, nh, T, S)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return out, torch.softmax(scores, dim=-1).mean(dim=1).to(q.dtype)
 
 
 def memory_attn_mask(memory_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -62,13 +79,19 @@ class DecoderLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, self_kv, cross_kv, cross_mask, causal: bool) -> torch.Tensor:
+    def forward(self, x, self_kv, cross_kv, cross_mask, causal: bool, return_attention: bool = False):
+        """-> x (B, T, D) [, cross-attention weights averaged over heads (B, T, N) if return_attention]."""
         h = self.norm1(x)
         k, v = self_kv(h)
         x = x + self.drop(self.self_attn.attend(h, k, v, causal=causal))
         h = self.norm2(x)
-        x = x + self.drop(self.cross_attn.attend(h, *cross_kv, mask=cross_mask))
-        return x + self.drop(self.mlp(self.norm3(x)))
+        if return_attention:
+            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask, return_weights=True)
+        else:
+            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask), None
+        x = x + self.drop(attended)
+        x = x + self.drop(self.mlp(self.norm3(x)))
+        return (x, attention) if return_attention else x
 
 
 class TransformerDecoder(nn.Module):
@@ -92,28 +115,46 @@ class TransformerDecoder(nn.Module):
         positions = torch.arange(start, start + t, device=tokens.device)
         return self.drop(self.embed(tokens) * self.embed.embedding_dim**0.5 + self.pos(positions))
 
+    def layer_index(self, layer: int) -> int:
+        """A layer number as Python indexes lists (-1 = last) -> 0..num_layers-1; out of range is an error."""
+        n = len(self.layers)
+        if not -n <= layer < n:
+            raise ValueError(f"attention layer {layer} does not exist: the decoder has {n} layers "
+                             f"(use 0..{n - 1}, or -1 for the last)")
+        return layer % n
+
     def forward(self, memory: torch.Tensor, tokens: torch.Tensor, memory_mask=None,
-                caption_image_index: torch.Tensor | None = None) -> torch.Tensor:
-        """memory (B, N, D), tokens (C, T) starting with bos -> logits (C, T, V).
+                caption_image_index: torch.Tensor | None = None, return_attention: bool = False,
+                attention_layer: int = -1):
+        """memory (B, N, D), tokens (C, T) starting with bos -> logits (C, T, V) [, attention (C, T, N)].
 
         caption_image_index (C,) maps each caption to its memory row (C = B when None); cross-attention keys
-        and values are projected once per image and then shared by that image's captions."""
+        and values are projected once per image and then shared by that image's captions. With
+        return_attention, also the cross-attention of layer `attention_layer`, averaged over heads."""
+        watched = self.layer_index(attention_layer) if return_attention else None
         cross_mask = memory_attn_mask(memory_mask)
         if cross_mask is not None and caption_image_index is not None:
             cross_mask = cross_mask.index_select(0, caption_image_index)  # (C, 1, 1, N)
-        x = self._embed(tokens, 0)  # (C, T, D)
-        for layer in self.layers:
+        x, attention = self._embed(tokens, 0), None  # (C, T, D)
+        for i, layer in enumerate(self.layers):
             k, v = layer.cross_attn.keys_values(memory)  # (B, nh, N, hd)
             if caption_image_index is not None:
                 k, v = k.index_select(0, caption_image_index), v.index_select(0, caption_image_index)
-            x = layer(x, layer.self_attn.keys_values, (k, v), cross_mask, causal=True)
-        return self.head(self.norm(x))
+            if i == watched:
+                x, attention = layer(x, layer.self_attn.keys_values, (k, v), cross_mask, causal=True,
+                                     return_attention=True)  # attention (C, T, N)
+            else:
+                x = layer(x, layer.self_attn.keys_values, (k, v), cross_mask, causal=True)
+        logits = self.head(self.norm(x))  # (C, T, V)
+        return (logits, attention) if return_attention else logits
 
     # --- step interface -------------------------------------------------------------------------------------
-    def init_state(self, memory: torch.Tensor, memory_mask=None) -> DecoderState:
-        """Project cross-attention keys/values once; empty self-attention caches."""
+    def init_state(self, memory: torch.Tensor, memory_mask=None, attention_layer: int | None = None) -> DecoderState:
+        """Project cross-attention keys/values once; empty self-attention caches. With `attention_layer`, every
+        step keeps that layer's cross-attention, averaged over heads, in state.tensors["attention"] (B, N)."""
         per_image = {"cross_mask"} | {f"cross_{kv}{i}" for i in range(len(self.layers)) for kv in "kv"}
-        state = DecoderState(position=0, per_image=frozenset(per_image))
+        watched = None if attention_layer is None else self.layer_index(attention_layer)
+        state = DecoderState(position=0, per_image=frozenset(per_image), attention_layer=watched)
         cross_mask = memory_attn_mask(memory_mask)
         if cross_mask is not None:
             state.tensors["cross_mask"] = cross_mask
@@ -136,7 +177,11 @@ class TransformerDecoder(nn.Module):
                 return t[f"self_k{i}"], t[f"self_v{i}"]
 
             cross = (t[f"cross_k{i}"], t[f"cross_v{i}"])
-            x = layer(x, cached_kv, cross, t.get("cross_mask"), causal=False)  # one query sees the whole prefix
+            if i == state.attention_layer:
+                x, attention = layer(x, cached_kv, cross, t.get("cross_mask"), causal=False, return_attention=True)
+                t["attention"] = attention[:, 0]  # (B, N)
+            else:
+                x = layer(x, cached_kv, cross, t.get("cross_mask"), causal=False)  # one query sees the whole prefix
         state.position += 1
         logits = self.head(self.norm(x[:, 0]))  # (B, V)
         return F.log_softmax(logits.float(), dim=-1), state

@@ -1,0 +1,304 @@
+"""`captioner serve`: a web page and a JSON API that caption uploaded images with one loaded checkpoint.
+
+Standard library only (http.server): one model in memory and one lock around it, so concurrent requests are
+decoded one at a time while reading uploads and decoding JPEGs run in parallel in the request threads (attention
+figures are drawn one at a time too, under their own lock). The listen backlog is raised from http.server's 5 so a burst of simultaneous clients is queued by
+the kernel instead of refused. Binds to 127.0.0.1 unless told otherwise: the page has no authentication.
+
+API: POST /api/caption, multipart/form-data with a file field `image` and optional fields `beam_size`
+(1..MAX_BEAM_SIZE, default 1), `num_captions` (1..beam_size, default 1) and `attention` (1 to add per-word
+attention maps and the figure). Errors come back as {"error": message} with a 4xx status. GET /api/health
+describes the model and the limits.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import visualize
+from .data.images import load_image_bytes
+from .data.transforms import resize_to_tensor
+from .decoding import DecodeOptions
+from .engine import decode_images
+from .errors import CaptionerError, ImageReadError
+from .multipart import MultipartError, parse_form
+from .text import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_BEAM_SIZE = 8
+PAGE = Path(__file__).with_name("serve_page.html")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload_bytes: int = 10 * 2**20  # whole request body, multipart framing included
+    max_pixels: int = 25_000_000  # width x height of the decoded image (a 20 MP photo fits)
+
+
+class RequestError(Exception):
+    """A request the server refuses: an HTTP status and a message for the client."""
+
+    def __init__(self, status: HTTPStatus, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class CaptionService:
+    """Captions PIL images with one model. Inference holds a lock: a model is not safe to run from several
+    threads at once (and on a CPU, parallel requests would only share the same cores). Drawing attention
+    figures holds another, since matplotlib does not promise thread safety; it does not hold up captioning."""
+
+    def __init__(self, model, tokenizer: Tokenizer, image_size: int, device: torch.device,
+                 attention_layer: int = -1, checkpoint: str = ""):
+        self.model, self.tokenizer, self.image_size, self.device = model.eval(), tokenizer, image_size, device
+        self.attention_layer = visualize.check_attention_layer(model, attention_layer)
+        self.checkpoint = checkpoint
+        self.lock = threading.Lock()
+        self.drawing = threading.Lock()
+
+    def describe(self) -> dict:
+        cfg = self.model.cfg
+        return {"checkpoint": self.checkpoint, "decoder": cfg.decoder, "bridge": cfg.bridge,
+                "image_size": self.image_size, "vocab_size": cfg.vocab_size, "attention_layer": self.attention_layer,
+                "max_beam_size": MAX_BEAM_SIZE}
+
+    def caption(self, image: Image.Image, beam_size: int = 1, num_captions: int = 1, attention: bool = False) -> dict:
+        """-> {"captions": [{"caption", "score"}, ...] best first [, "attention": {...} for the best one]}."""
+        options = DecodeOptions(beam_size=beam_size, num_return=num_captions,
+                                attention_layer=self.attention_layer if attention else None)
+        pixels = resize_to_tensor(image, self.image_size)[None]  # (1, 3, S, S) uint8
+        with self.lock:
+            hypotheses = decode_images(self.model, pixels, self.device, options)[0]
+        result = {"beam_size": beam_size,
+                  "captions": [{"caption": self.tokenizer.decode(h.tokens), "score": round(h.score, 4)}
+                               for h in hypotheses]}
+        if attention:
+            best = hypotheses[0]
+            words = visualize.hypothesis_attention(self.tokenizer, best)
+            with self.drawing:
+                png = visualize.figure_png(visualize.attention_figure(image, result["captions"][0]["caption"], words))
+            result["attention"] = {"layer": self.attention_layer, "words": words.words,
+                                   "grid": list(words.maps.shape[1:]), "maps": words.maps.astype(float).round(4).tolist(),
+                                   "figure": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
+        return result
+
+
+def read_image(data: bytes, name: str, limits: Limits) -> Image.Image:
+    """Upload bytes -> RGB image, or a RequestError: 415 not an image, 413 too many pixels, 400 broken."""
+    if not data:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"the uploaded file '{name}' is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            width, height = probe.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"'{name}' is too large to decode: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise RequestError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
+                           f"'{name}' is not an image this server can read (JPEG, PNG, GIF, BMP or WebP)") from None
+    if width * height > limits.max_pixels:
+        raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                           f"'{name}' is {width}x{height} = {width * height} pixels; the limit is {limits.max_pixels}")
+    try:
+        return load_image_bytes(data, name)
+    except ImageReadError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+
+
+def _int_field(form, name: str, default: int, low: int, high: int) -> int:
+    part = form.get(name)
+    if part is None or not part.data.strip():
+        return default
+    try:
+        value = int(part.data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError):
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer, got {part.data[:20]!r}") from None
+    if not low <= value <= high:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def caption_request(service: CaptionService, body: bytes, content_type: str, limits: Limits) -> dict:
+    """The whole of POST /api/caption once the body is read: form -> options -> image -> captions."""
+    try:
+        form = parse_form(body, content_type)
+    except MultipartError as exc:
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{exc} (send multipart/form-data with a file field 'image')") \
+            from None
+    part = form.get("image")
+    if part is None:
+        raise RequestError(HTTPStatus.BAD_REQUEST, "no file field 'image' in the form")
+    beam_size = _int_field(form, "beam_size", 1, 1, MAX_BEAM_SIZE)
+    num_captions = _int_field(form, "num_captions", 1, 1, beam_size)
+    attention = form["attention"].data.strip() in (b"1", b"true", b"on") if "attention" in form else False
+    name = part.filename or "image"
+    image = read_image(part.data, name, limits)
+    result = service.caption(image, beam_size, num_captions, attention)
+    return {"image": {"name": name, "width": image.width, "height": image.height}, **result}
+
+
+class CaptionHandler(BaseHTTPRequestHandler):
+    server: "CaptionServer"
+    server_version = "captioner"
+    timeout = 60  # seconds a client may stall while sending: an idle connection does not hold a thread forever
+
+    def do_GET(self) -> None:
+        path = urlsplit(self.path).path
+        if path in ("/", "/index.html"):
+            self._send(HTTPStatus.OK, self.server.page, "text/html; charset=utf-8")
+        elif path == "/api/health":
+            limits = self.server.limits
+            self._json(HTTPStatus.OK, {"status": "ok", **self.server.service.describe(),
+                                       "max_upload_bytes": limits.max_upload_bytes, "max_pixels": limits.max_pixels})
+        elif path == "/api/caption":
+            self._json(HTTPStatus.METHOD_NOT_ALLOWED, {"error": "use POST with multipart/form-data"},
+                       {"Allow": "POST"})
+        else:
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such page: {path}"})
+
+    def do_POST(self) -> None:
+        path = urlsplit(self.path).path
+        if path != "/api/caption":
+            self._json(HTTPStatus.NOT_FOUND, {"error": f"no such endpoint: {path}"})
+            return
+        try:
+            body = self._read_body()
+            result = caption_request(self.server.service, body, self.headers.get("Content-Type", ""),
+                                     self.server.limits)
+        except RequestError as exc:
+            log.info("%s %s -> %d: %s", self.command, path, exc.status, exc.message)
+            self._json(exc.status, {"error": exc.message})
+            return
+        except (TimeoutError, ConnectionError) as exc:  # the client stalled or went away: nobody to answer
+            log.info("%s %s: connection dropped (%s)", self.command, path, exc)
+            self.close_connection = True
+            return
+        except Exception as exc:  # a bug, not the client's fault: say so, keep serving
+            log.exception("captioning failed")
+            self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"internal error: {type(exc).__name__}: {exc}"})
+            return
+        self._json(HTTPStatus.OK, result)
+
+    def _read_body(self) -> bytes:
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise RequestError(HTTPStatus.LENGTH_REQUIRED, "Content-Length required (chunked uploads are not accepted)")
+        try:
+            size = int(length)
+        except ValueError:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}") from None
+        limit = self.server.limits.max_upload_bytes
+        if size > limit:
+            self._discard(size, limit)
+            raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                               f"upload of {size} bytes exceeds the limit of {limit} bytes")
+        if size < 0:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length!r}")
+        body = self.rfile.read(size)
+        if len(body) < size:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"request body ended after {len(body)} of {size} bytes")
+        return body
+
+    def _discard(self, size: int, limit: int) -> None:
+        """Read and drop a moderately oversized body, so the client, still sending, sees the 413 rather than a
+        reset connection; a body far over the limit is not worth reading (the connection closes instead)."""
+        if size > 4 * limit:
+            return
+        remaining = size
+        while remaining > 0:
+            chunk = self.rfile.read(min(remaining, 1 << 16))
+            if not chunk:
+                break
+            remaining -= len(chunk)
+
+    def _json(self, status: HTTPStatus, payload: dict, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(payload).encode("utf-8"), "application/json", headers)
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class CaptionServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # listen backlog: bursts of clients wait in the kernel queue instead of failing
+
+    def __init__(self, address: tuple[str, int], service: CaptionService, limits: Limits):
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.service, self.limits, self.page = service, limits, PAGE.read_bytes()
+        super().__init__(address, CaptionHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
+
+
+def make_server(service: CaptionService, host: str = "127.0.0.1", port: int = 8000,
+                limits: Limits | None = None) -> CaptionServer:
+    """Bind (port 0 picks a free port; `server.url` says which) without serving yet."""
+    try:
+        return CaptionServer((host, port), service, limits or Limits())
+    except OSError as exc:
+        raise CaptionerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def run_from_args(args) -> int:
+    from .checkpoint import load_model
+    from .training import resolve_device
+
+    if args.max_upload_mb <= 0 or args.max_pixels <= 0:
+        raise CaptionerError("--max-upload-mb and --max-pixels must be positive")
+    device = resolve_device(args.device)
+    model, tokenizer, cfg = load_model(args.checkpoint, device)
+    service = CaptionService(model, tokenizer, cfg.data.image_size, device, args.attention_layer, str(args.checkpoint))
+    limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
+    server = make_server(service, args.host, args.port, limits)
+    if args.host not in LOOPBACK_HOSTS:
+        print(f"captioner serve: warning: listening on {args.host}; anyone who can reach it can use the model "
+              "(there is no authentication)", file=sys.stderr)
+    print(f"captioner serve: {server.url} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--attention-layer", type=int, default=-1,
+                   help="Transformer decoder layer whose cross-attention the page shows (-1 = last)")
+    p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_bytes / 2**20,
+                   help="largest request body accepted, in MiB (default: %(default)g)")
+    p.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
+                   help="largest image accepted, width x height (default: %(default)d)")
