@@ -19,7 +19,7 @@ from .decoding import DecodeOptions
 from .engine import caption_batches, evaluate
 from .training import fit, resolve_device
 
-DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_EPOCHS = 1200, 100, 6
+DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, DEMO_EPOCHS = 1200, 100, 5
 
 
 def run_demo(out: str | Path, device: str = "auto", progress: bool = True) -> dict:

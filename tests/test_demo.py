@@ -4,7 +4,7 @@ from captioner import demo
 
 
 def test_demo_runs_the_whole_pipeline(tmp_path, monkeypatch, capsys):
-    # The real demo trains 1,200 images for 6 epochs (minutes); the same code path on a handful of images.
+    # The real demo trains 1,200 images for 5 epochs (minutes); the same code path on a handful of images.
     monkeypatch.setattr(demo, "DEMO_TRAIN_IMAGES", 24)
     monkeypatch.setattr(demo, "DEMO_VAL_IMAGES", 6)
     monkeypatch.setattr(demo, "DEMO_EPOCHS", 1)
