@@ -195,6 +195,22 @@ def encode_prefix(model, batch: Batch, images: torch.Tensor, feature_store=None)
     return prefix_features(model.encoder, images, batch.features, batch.has_features, batch.indices, feature_store)
 
 
+@torch.inference_mode()
+def fill_feature_store(model, loader: Iterable[Batch], feature_store, device: torch.device,
+                       progress: bool = False, desc: str = "features") -> int:
+    """Compute and store the frozen prefix's output for every image `loader` yields that the store lacks
+    (`extract-features`, the training benchmark) -> images seen. Flushes the store at the end."""
+    model.eval()
+    seen = 0
+    for batch in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
+        if batch.images.shape[0]:
+            batch = batch.to(device)
+            encode_prefix(model, batch, prepare_images(batch.images, device), feature_store)
+            seen += batch.images.shape[0]
+    feature_store.flush()
+    return seen
+
+
 def encode_batch(model, batch: Batch, device: torch.device, feature_store=None) -> torch.Tensor:
     """Memory tokens (B, N, D) for a batch of pixels and/or stored prefix features."""
     images = prepare_images(batch.images, device)

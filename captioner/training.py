@@ -23,7 +23,6 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, \
     set_rng_state, tokenizer_from_payload, tokenizer_payload
@@ -36,8 +35,8 @@ from .data.sampling import EpochSampler
 from .data.transforms import TrainAugment
 from .decoding import DecodeOptions
 from .distributed import Distributed, init_distributed, shutdown_distributed
-from .engine import EpochTotals, NonFiniteLossError, encode_prefix, evaluate, prepare_images, train_one_epoch, \
-    warmup_cosine
+from .engine import EpochTotals, NonFiniteLossError, evaluate, fill_feature_store, prepare_images, \
+    train_one_epoch, warmup_cosine
 from .feature_cache import FeatureStore, records_digest, tensors_digest
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
@@ -432,15 +431,9 @@ def _extract(model, loaders: dict[str, DataLoader], stores: dict[str, FeatureSto
         raise CaptionerError("nothing to cache: feature caching needs --trainable-layers below 5, no --augment, "
                              "and --feature-cache not 'off'")
     started = time.time()
-    model.eval()
-    with torch.inference_mode():
-        for split, loader in loaders.items():
-            loader.sampler.set_epoch(1)
-            for batch in tqdm(loader, desc=f"features {split}", disable=None if progress else True, leave=False):
-                if batch.images.shape[0]:
-                    batch = batch.to(device)
-                    encode_prefix(model, batch, prepare_images(batch.images, device), stores[split])
-            stores[split].flush()
+    for split, loader in loaders.items():
+        loader.sampler.set_epoch(1)
+        fill_feature_store(model, loader, stores[split], device, progress, desc=f"features {split}")
     dist.barrier()
     return {"rank": dist.rank, "seconds": round(time.time() - started, 2),
             **{split: {"folder": str(s.folder), "cached": len(s), "images": s.meta["num_items"]}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from ..data.coco import load_coco
 from ..data.collate import CaptionCollate
 from ..data.dataset import CaptionDataset
 from ..data.sampling import EpochSampler
-from ..engine import train_one_epoch
+from ..engine import fill_feature_store, train_one_epoch
 from ..feature_cache import FeatureStore
 from ..models.captioner import Captioner
 from ..text import Tokenizer
@@ -59,19 +60,6 @@ def _loader(records, tokenizer, image_size: int, batch_size: int, workers: int, 
                       pin_memory=device.type == "cuda", persistent_workers=False)
 
 
-class _Limited:
-    """The first `count` batches of a loader (one warm-up batch is taken before timing starts)."""
-
-    def __init__(self, loader, count: int):
-        self.loader, self.count = loader, count
-
-    def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.count:
-                return
-            yield batch
-
-
 def _model(vocab_size: int, trainable_layers: int, device: torch.device) -> Captioner:
     torch.manual_seed(0)
     model = Captioner(ModelConfig(vocab_size=vocab_size, trainable_layers=trainable_layers), load_encoder_weights=False)
@@ -83,12 +71,12 @@ def _time_training(model, loader, batches: int, device: torch.device, store: Fea
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_one_epoch(model, _Limited(loader, 1), optimizer, scheduler, device, 0, progress=False,
+    train_one_epoch(model, islice(loader, 1), optimizer, scheduler, device, 0, progress=False,
                     feature_store=store, amp=autocast)  # warm-up: kernels, allocator, workers
     _sync(device)
     _reset_peak(device)
     started = time.perf_counter()
-    stats = train_one_epoch(model, _Limited(loader, batches), optimizer, scheduler, device, 0, progress=False,
+    stats = train_one_epoch(model, islice(loader, batches), optimizer, scheduler, device, 0, progress=False,
                             feature_store=store, amp=autocast)
     _sync(device)
     seconds = time.perf_counter() - started
@@ -98,18 +86,10 @@ def _time_training(model, loader, batches: int, device: torch.device, store: Fea
             "peak_memory_mb": round(_peak_memory_mb(device), 1)}
 
 
-def _fill_store(model, loader, store: FeatureStore, device: torch.device) -> dict:
-    from ..engine import encode_prefix, prepare_images
-
-    model.eval()
-    started, count = time.perf_counter(), 0
-    with torch.inference_mode():
-        for batch in loader:
-            batch = batch.to(device)
-            encode_prefix(model, batch, prepare_images(batch.images, device), store)
-            count += batch.images.shape[0]
+def _time_extraction(model, loader, store: FeatureStore, device: torch.device) -> dict:
+    started = time.perf_counter()
+    count = fill_feature_store(model, loader, store, device)
     _sync(device)
-    store.flush()
     seconds = time.perf_counter() - started
     return {"images_per_s": round(count / seconds, 1), "images": count, "seconds": round(seconds, 3)}
 
@@ -142,7 +122,7 @@ def run_train_benchmark(device: str = "auto", num_images: int = 256, batch_size:
         with torch.no_grad():
             shape = frozen.encoder.forward_prefix(torch.zeros(1, 3, image_size, image_size, device=torch_device)).shape
         store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records), shape[1:])
-        result["extract"] = _fill_store(frozen, _loader(records, tokenizer, image_size, batch_size, workers,
+        result["extract"] = _time_extraction(frozen, _loader(records, tokenizer, image_size, batch_size, workers,
                                                         torch_device), store, torch_device)
         # Workers bring nothing to memory-mapped rows: they would only copy them between processes.
         result["cached_features"] = _time_training(
