@@ -38,6 +38,9 @@ class DataConfig:
     karpathy_json: str = ""
     image_size: int = 128
     augment: bool = False
+    augment_scale_min: float = 0.85  # with augment: smallest share of the image's area a random crop keeps
+    color_jitter: float = 0.1  # with augment: brightness, contrast and saturation factors in [1 - s, 1 + s]
+    hflip: bool = False  # with augment: mirror half the images, swapping "left" and "right" in their captions
     cache_images: bool = True
     feature_cache: str = "auto"  # frozen-prefix features on disk: auto (RUN/feature_cache) | off | a folder
     val_limit: int = 0  # 0 = whole validation split

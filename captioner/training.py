@@ -84,7 +84,7 @@ def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: boo
     The loader's own generator only seeds worker processes, so iterating never touches the global RNG,
     which a resumed run restores for dropout."""
     d, t = cfg.data, cfg.train
-    augment = TrainAugment(d.image_size) if train and d.augment else None
+    augment = train_augment(cfg) if train else None
     dataset = CaptionDataset(records, d.image_size, augment=augment, cache_images=d.cache_images, strict=d.strict)
     collate = CaptionCollate(tokenizer if train else None, cfg.model.max_len, t.captions_per_image)
     dist = dist or Distributed()
@@ -92,6 +92,20 @@ def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: boo
     return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
                       pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
                       generator=torch.Generator().manual_seed(t.seed))
+
+
+def train_augment(cfg: RunConfig) -> TrainAugment | None:
+    """The training augmentation the data section asks for (None without --augment)."""
+    d = cfg.data
+    if not d.augment:
+        if d.hflip:
+            raise CaptionerError("--hflip is an option of --augment: add --augment (or drop --hflip)")
+        return None
+    try:
+        return TrainAugment(d.image_size, (d.augment_scale_min, 1.0), brightness=d.color_jitter,
+                            contrast=d.color_jitter, saturation=d.color_jitter, hflip=d.hflip)
+    except ValueError as exc:
+        raise CaptionerError(f"augmentation settings (--augment-scale-min, --color-jitter): {exc}") from None
 
 
 def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: torch.device, num_images: int = 128,

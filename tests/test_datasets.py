@@ -273,6 +273,73 @@ def test_dataset_cache_decodes_once_and_augments_after(tmp_path):
     assert ds[0]["image"].shape == (3, 16, 16) and not torch.equal(ds[0]["image"], ds[0]["image"])
 
 
+def test_swap_left_right_whole_words_case_kept():
+    from captioner.data.transforms import swap_left_right
+
+    caption = "Left of the RIGHT tree, a left-handed man turns left; bright, upright, leftover Right."
+    swapped = "Right of the LEFT tree, a right-handed man turns right; bright, upright, leftover Left."
+    assert swap_left_right(caption) == swapped and swap_left_right(swapped) == caption
+    assert swap_left_right("a dog on the grass") == "a dog on the grass"
+
+
+def test_train_augment_strength_checks_and_saturation():
+    with pytest.raises(ValueError, match="saturation"):
+        TrainAugment(16, saturation=1.0)
+    grey = torch.full((3, 8, 8), 100, dtype=torch.uint8)  # saturation jitter leaves a grey image grey
+    out = TrainAugment(8, (1.0, 1.0), ratio=(1.0, 1.0), brightness=0, contrast=0, saturation=0.9)(grey)
+    assert torch.equal(out, grey)
+
+
+MIRRORED = ("a dog on the left of a Right tree", "LEFT and right", "no side at all")
+
+
+@pytest.mark.parametrize("scale, jitter", [(1.0, 0.0), (0.4, 0.3)])
+def test_hflip_mirrors_image_and_captions_together_per_item_seed(tmp_path, scale, jitter):
+    """The flip is drawn last from the item's seeded generator: with and without --hflip the crop and jitter are
+    the same, so a flipped item is exactly the mirror of the unflipped one, and its captions are mirrored too."""
+    from captioner.data.sampling import ItemKey
+    from captioner.data.transforms import swap_left_right
+
+    records = [ImageRecord(1, _noise(tmp_path / "a.png", size=(40, 30)), MIRRORED)]
+
+    def dataset(hflip: bool) -> CaptionDataset:
+        augment = TrainAugment(24, (scale, 1.0), brightness=jitter, contrast=jitter, saturation=jitter, hflip=hflip)
+        return CaptionDataset(records, 32, augment=augment, cache_images=True)
+
+    flipping, plain = dataset(True), dataset(False)
+    flips = []
+    for seed in range(24):
+        item, reference = flipping[ItemKey(0, seed)], plain[ItemKey(0, seed)]
+        again = flipping[ItemKey(0, seed)]
+        assert torch.equal(item["image"], again["image"]) and item["captions"] == again["captions"]  # per seed
+        assert not reference["flipped"] and reference["captions"] == list(MIRRORED)
+        if item["flipped"]:
+            assert torch.equal(item["image"], torch.flip(reference["image"], dims=[-1]))
+            assert item["captions"] == [swap_left_right(c) for c in MIRRORED]
+        else:
+            assert torch.equal(item["image"], reference["image"]) and item["captions"] == list(MIRRORED)
+        flips.append(item["flipped"])
+    assert 4 < sum(flips) < 20  # about half
+
+
+def test_collate_trains_on_the_mirrored_captions(tmp_path):
+    from captioner.data.collate import CaptionCollate
+    from captioner.data.sampling import ItemKey
+    from captioner.text import Tokenizer
+
+    tokenizer = Tokenizer.train(["a dog on the left of a right tree", "left and right", "no side at all"] * 20)
+    augment = TrainAugment(16, (1.0, 1.0), brightness=0, contrast=0, hflip=True)
+    dataset = CaptionDataset([ImageRecord(1, _noise(tmp_path / "a.png"), MIRRORED)], 16, augment=augment)
+    items = [dataset[ItemKey(0, seed)] for seed in range(8)]
+    assert {it["flipped"] for it in items} == {False, True}
+    batch = CaptionCollate(tokenizer, 24, captions_per_image=0)(items)
+    for row, owner in enumerate(batch.caption_image_index.tolist()):
+        length = int((batch.targets[row] > 3).sum())  # the caption's tokens (ids above pad/unk/bos/eos)
+        text = tokenizer.decode(batch.targets[row, :length].tolist())
+        assert text == tokenizer.decode(tokenizer.encode(items[owner]["captions"][row % 3]))
+        assert ("left of a right" in text) == (row % 3 == 0 and not items[owner]["flipped"])
+
+
 # --- the shared real data ---------------------------------------------------------------------------
 def _shared(sub: str) -> Path:
     path = SHARED_DATA / sub

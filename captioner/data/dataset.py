@@ -17,13 +17,15 @@ from ..errors import ImageReadError
 from .images import load_image
 from .records import ImageRecord
 from .sampling import ItemKey
-from .transforms import TrainAugment, resize_to_tensor
+from .transforms import TrainAugment, resize_to_tensor, swap_left_right
 
 logger = logging.getLogger(__name__)
 
 
 class CaptionDataset(Dataset):
-    """Items: dict(image=uint8 (3, S, S), captions=list[str], image_id=..., path=str, index=i, seed=s|None).
+    """Items: dict(image=uint8 (3, S, S), captions=list[str], image_id=..., path=str, index=i, seed=s|None,
+    flipped=bool). A mirrored item (TrainAugment with hflip) carries its captions mirrored as well ("left" and
+    "right" swapped), which is what the collate tokenises.
 
     Indexed by an int, or by an ItemKey(index, seed) from EpochSampler: then the augmentation and the
     collate's caption choice draw from generators seeded by `seed`, so an item's randomness depends only on
@@ -76,16 +78,20 @@ class CaptionDataset(Dataset):
         image = self._image(index, record)
         if image is None:
             return None
+        captions, flipped = list(record.captions), False
         if self.augment is not None:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
-            image = self.augment(image, generator)
+            image, flipped = self.augment.apply(image, generator)
+            if flipped:  # a mirrored image: its captions' left and right trade places too
+                captions = [swap_left_right(c) for c in captions]
         return {
             "image": image,
-            "captions": list(record.captions),
+            "captions": captions,
             "image_id": record.image_id,
             "path": str(record.path),
             "index": index,
             "seed": seed,
+            "flipped": flipped,
         }
 
     def _image(self, index: int, record: ImageRecord) -> torch.Tensor | None:
