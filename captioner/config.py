@@ -69,6 +69,8 @@ class TrainConfig:
     deterministic: bool = False
     checkpoint_every: int = 0  # also write last.pt every N batches inside an epoch (0 = off)
     checkpoint_minutes: float = 10.0  # ... and whenever this many minutes passed since the last write (0 = off)
+    ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved in best.pt (0 = off)
+    early_stop_patience: int = 0  # stop when validation BLEU-4 has not improved for this many epochs (0 = off)
     compile: bool = False  # torch.compile the training forward (trunk, bridge, decoder)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
 

@@ -88,7 +88,7 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
                     feature_store=None, totals: EpochTotals | None = None,
                     on_batch: Callable[[EpochTotals], None] | None = None, nonfinite: str = "stop",
                     forward: Callable[..., Any] | None = None, dist: Distributed | None = None,
-                    amp: bool = True, accumulate: int = 1) -> dict[str, Any]:
+                    amp: bool = True, accumulate: int = 1, ema=None) -> dict[str, Any]:
     """One pass over `loader` (which may start mid-epoch; `totals` then holds the sums so far).
 
     `feature_store` (a FeatureStore) receives the frozen trunk prefix's output for images that come as pixels;
@@ -106,6 +106,8 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     updates once per group: the update of one K-times-larger batch without its memory. `on_batch` then runs at
     group boundaries only, where no gradient is pending, so checkpoints and stops stay exact. The scheduler
     steps once per update; `len(loader)` must be defined.
+
+    `ema` (a ModelEMA) moves its average towards the model after every update that is applied.
     """
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -176,6 +178,8 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
             if torch.isfinite(grad_norm):
                 optimizer.step()
                 totals.steps += 1
+                if ema is not None:
+                    ema.update(model)
             else:
                 _nonfinite(nonfinite, "gradient norm", epoch, totals, caption_loss, bow_loss)
         optimizer.zero_grad(set_to_none=True)

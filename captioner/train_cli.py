@@ -55,6 +55,8 @@ TRAIN_FLAGS = {
     "--workers": ("train", "workers", int),
     "--val-beam-size": ("train", "val_beam_size", int),
     "--deterministic": ("train", "deterministic", "bool"),
+    "--ema-decay": ("train", "ema_decay", float),
+    "--early-stop-patience": ("train", "early_stop_patience", int),
     "--checkpoint-every": ("train", "checkpoint_every", int),
     "--checkpoint-minutes": ("train", "checkpoint_minutes", float),
     "--on-nonfinite": ("train", "on_nonfinite", str),

@@ -35,6 +35,7 @@ from .data.sampling import EpochSampler
 from .data.transforms import TrainAugment
 from .decoding import DecodeOptions
 from .distributed import Distributed, init_distributed, shutdown_distributed
+from .ema import ModelEMA
 from .engine import EpochTotals, NonFiniteLossError, evaluate, fill_feature_store, prepare_images, \
     train_one_epoch, warmup_cosine
 from .feature_cache import FeatureStore, records_digest, tensors_digest
@@ -153,11 +154,20 @@ class _Checkpointer:
         self.is_main = is_main
         self.every_steps, self.every_seconds = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes * 60
         self.last_saved = time.monotonic()
+        self.ema: ModelEMA | None = None
+
+    def weights(self, model) -> dict[str, Any]:
+        """"model" holds the weights to caption with: the moving average when there is one, and then
+        "raw_model" the trained weights themselves and "ema_updates" the average's count (what a resume needs)."""
+        if self.ema is None:
+            return {"model": clean_state_dict(model.state_dict())}
+        return {"model": clean_state_dict(self.ema.state_dict()), "raw_model": clean_state_dict(model.state_dict()),
+                "ema_updates": self.ema.updates}
 
     def payload(self, model, optimizer, scheduler, epoch: int, totals: EpochTotals | None, best: float,
                 history: list[dict], metrics: dict | None = None) -> dict[str, Any]:
         """`totals` None: `epoch` is complete. Otherwise the run is `totals.batches` batches into `epoch`."""
-        return {"model": clean_state_dict(model.state_dict()), "config": self.cfg.to_dict(),
+        return {**self.weights(model), "config": self.cfg.to_dict(),
                 "tokenizer": tokenizer_payload(self.tokenizer), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch,
                 "epoch_batches": 0 if totals is None else totals.batches,
@@ -320,10 +330,13 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
 
     if payload is None and cfg.model.encoder_weights == "none" and cfg.model.trainable_layers < 5:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
+    if t.ema_decay < 0 or t.ema_decay >= 1:
+        raise CaptionerError(f"--ema-decay must be 0 (off) or in (0, 1), got {t.ema_decay}")
+    ema = checkpointer.ema = ModelEMA(model, t.ema_decay) if t.ema_decay > 0 else None
     start_epoch, best, history, totals = 1, float("-inf"), [], None
     if payload is not None:
         start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
-                                                      out)
+                                                      out, ema)
 
     stores = attach_feature_stores(cfg, model, {"train": train_loader, "val": val_loader}, out, device, dist)
     if extract_only:
@@ -351,14 +364,17 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
 
             stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
                                     t.clip_grad, progress, stores.get("train"), totals=totals, on_batch=after_batch,
-                                    nonfinite=t.on_nonfinite, forward=forward, dist=dist, accumulate=t.accumulate)
+                                    nonfinite=t.on_nonfinite, forward=forward, dist=dist, accumulate=t.accumulate,
+                                    ema=ema)
             if dist.enabled:  # the whole run's figures, not rank 0's share
                 stats = _summed_over_processes(totals, dist, device).summary()
             totals = None
             train_seconds = time.time() - started
             _check_finite_weights(model, epoch)
-            evaluation = evaluate(model, val_loader, tokenizer, device, val_options, progress=progress, dist=dist,
-                                  feature_store=stores.get("val"))
+            if ema is not None:
+                ema.broadcast_from_main(dist)  # every process decodes its share with rank 0's average
+            evaluation = evaluate(model if ema is None else ema.module, val_loader, tokenizer, device, val_options,
+                                  progress=progress, dist=dist, feature_store=stores.get("val"))
             for store in stores.values():
                 store.flush()
             metrics, captions = evaluation.metrics, evaluation.captions
@@ -370,6 +386,10 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             is_best = metrics["Bleu_4"] > best
             best = max(best, metrics["Bleu_4"])
             history.append(record)
+            stale = epoch - best_epoch(history)  # epochs since validation BLEU-4 last improved
+            stopping_early = 0 < t.early_stop_patience <= stale and epoch < t.epochs
+            if stopping_early:  # in the record before it is saved: last.pt and log.jsonl say why the run ended
+                record["early_stopped"] = True
             checkpointer.save_epoch(checkpointer.payload(model, optimizer, scheduler, epoch, None, best, history,
                                                          metrics), is_best)
             log.info("epoch %d: loss %.4f, val BLEU-4 %.4f%s, %.1f img/s, e.g. %r", epoch, stats["train_loss"],
@@ -378,7 +398,20 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             if t.tensorboard and dist.rank == 0:
                 write_epoch_scalars(out / TENSORBOARD_DIR, record)
             stop.raise_if_received(f"after epoch {epoch}", out)
-    return {"out": str(out), "best_bleu_4": best, "history": history, "rank": dist.rank}
+            if stopping_early:
+                log.info("early stop after epoch %d of %d: validation BLEU-4 has not improved for %d epochs "
+                         "(--early-stop-patience %d); best.pt holds epoch %d", epoch, t.epochs, stale,
+                         t.early_stop_patience, best_epoch(history))
+                break
+    return {"out": str(out), "best_bleu_4": best, "best_epoch": best_epoch(history), "epochs_run": len(history),
+            "stopped_early": bool(history and history[-1].get("early_stopped")), "history": history,
+            "rank": dist.rank}
+
+
+def best_epoch(history: list[dict]) -> int:
+    """The first epoch with the highest validation BLEU-4 of `history` (what best.pt holds); 0 if none."""
+    scored = [r for r in history if "val_Bleu_4" in r]
+    return max(scored, key=lambda r: r["val_Bleu_4"])["epoch"] if scored else 0
 
 
 def feature_cache_folder(cfg: RunConfig, out: Path) -> Path | None:
@@ -461,13 +494,17 @@ def _summed_over_processes(totals: EpochTotals, dist: Distributed, device: torch
                        totals.nonfinite_steps)
 
 
-def _restore(payload: dict[str, Any], path: str, model, optimizer, scheduler, steps_per_epoch: int, out: Path):
-    """Load a checkpoint's training state -> (epoch to run next, best metric, epoch records, mid-epoch totals)."""
+def _restore(payload: dict[str, Any], path: str, model, optimizer, scheduler, steps_per_epoch: int, out: Path,
+             ema: ModelEMA | None = None):
+    """Load a checkpoint's training state -> (epoch to run next, best metric, epoch records, mid-epoch totals).
+    With a moving average, "model" holds it and "raw_model" the trained weights (see _Checkpointer.weights)."""
     saved_steps = payload.get("steps_per_epoch", steps_per_epoch)
     if saved_steps != steps_per_epoch:
         raise CaptionerError(f"checkpoint {path} was written with {saved_steps} batches per epoch, but the training "
                              f"set now gives {steps_per_epoch}: the data changed since, so the run cannot resume")
-    model.load_state_dict(clean_state_dict(payload["model"]))
+    model.load_state_dict(clean_state_dict(payload.get("raw_model", payload["model"])))
+    if ema is not None:
+        ema.load(clean_state_dict(payload["model"]), payload.get("ema_updates", 0))
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])

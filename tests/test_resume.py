@@ -1,6 +1,6 @@
 """A training run killed with SIGKILL at arbitrary points (including in the middle of writing a checkpoint) or
 stopped with SIGTERM, and resumed each time, ends with the same weights, bit for bit, as a run that was never
-interrupted."""
+interrupted: the trained weights and their moving average (--ema-decay) alike."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def train_command(dataset, out: Path, resume: bool, checkpoint_every: int = 1) -
     args = ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
             str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
             "--out", str(out), "--epochs", "2", *TINY, "--batch-size", "8", "--checkpoint-every",
-            str(checkpoint_every), "--deterministic", "--dropout", "0.1"]
+            str(checkpoint_every), "--deterministic", "--dropout", "0.1", "--ema-decay", "0.9"]
     if resume:
         args += ["--resume", str(out / "last.pt")]
     return args
@@ -74,8 +74,9 @@ def start_and_wait_for_a_save(args: list[str], checkpoint: Path) -> subprocess.P
     return proc
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
+def weights(path: Path, key: str = "model") -> dict[str, torch.Tensor]:
+    """"model" holds the moving average of the weights (--ema-decay), "raw_model" the trained weights."""
+    return load_checkpoint(path)[key]
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -133,7 +134,9 @@ def test_sigkill_at_random_points_then_resume_gives_identical_weights(synthetic_
     assert code == 0, err
 
     for name in ("last.pt", "best.pt"):
-        assert_same_weights(weights(out / name), weights(reference / name))
+        for key in ("model", "raw_model"):
+            assert_same_weights(weights(out / name, key), weights(reference / name, key))
+        assert load_checkpoint(out / name)["ema_updates"] == load_checkpoint(reference / name)["ema_updates"]
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     reference_log = [json.loads(line) for line in (reference / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]

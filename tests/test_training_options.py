@@ -71,3 +71,27 @@ def test_compile_flag_trains_through_the_compiled_forward(synthetic_dataset, tmp
                  str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
                  "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--compile", "--accumulate", "2"]) == 0
     assert len(compiled) == 3  # every training batch (48 images, batch 16) went through it
+
+
+def test_early_stop_after_patience_epochs_without_improvement(synthetic_dataset, tmp_path, capsys):
+    """With lr 0, a frozen trunk and no dropout nothing changes between epochs, so validation BLEU-4 never improves
+    on epoch 1: patience 2 ends a 6-epoch run after epoch 3, with best.pt at epoch 1."""
+    import json
+
+    from captioner.checkpoint import load_checkpoint
+    from captioner.cli import main
+    from conftest import TINY
+
+    d, out = synthetic_dataset, tmp_path / "run"
+    assert main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+                 str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+                 "--out", str(out), "--epochs", "6", *TINY, "--lr", "0", "--trainable-layers", "0", "--dropout", "0",
+                 "--val-limit", "2", "--early-stop-patience", "2"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (printed["epochs_run"], printed["best_epoch"]) == (3, 1)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert len({r["val_Bleu_4"] for r in log}) == 1
+    assert [r.get("early_stopped", False) for r in log] == [False, False, True]
+    last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
+    assert (last["epoch"], best["epoch"], last["history"]) == (3, 1, log)
