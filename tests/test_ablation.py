@@ -1,0 +1,69 @@
+"""scripts/ablation.py end to end on the synthetic scenes laid out as Flickr8k: two tiny variants trained two at
+a time and scored on dev with beam 3, and a broken variant that is reported without stopping the others."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from captioner.data import load_coco
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_as_flickr8k(dataset, root: Path) -> Path:
+    """The synthetic train and val scenes as a Flickr8k folder: token file, split lists, linked images."""
+    text, images = root / "Flickr8k_text", root / "Flicker8k_Dataset"
+    text.mkdir(parents=True)
+    images.mkdir()
+    tokens = []
+    for split, captions, folder in (("train", dataset.train_captions, dataset.train_images),
+                                    ("dev", dataset.val_captions, dataset.val_images)):
+        records = load_coco(captions, folder)
+        (text / f"Flickr_8k.{split}Images.txt").write_text("".join(f"{r.path.name}\n" for r in records))
+        for r in records:
+            (images / r.path.name).symlink_to(r.path)
+            tokens += [f"{r.path.name}#{i}\t{c}\n" for i, c in enumerate(r.captions)]
+    (text / "Flickr8k.token.txt").write_text("".join(tokens))
+    return root
+
+
+def test_two_variants_in_parallel_and_a_broken_one(synthetic_dataset, tmp_path):
+    root = synthetic_as_flickr8k(synthetic_dataset, tmp_path / "flickr8k")
+    tiny = {"model": {"dim": 32, "heads": 4, "decoder_layers": 1, "dropout": 0.0},
+            "data": {"image_size": 64}, "train": {"batch_size": 16, "vocab_size": 200}}
+    (tmp_path / "base.json").write_text(json.dumps(tiny))
+    (tmp_path / "other.json").write_text(json.dumps(dict(tiny, train={**tiny["train"], "ema_decay": 0.5})))
+    variants = {"small_images": ["--image-size", "32"], "other_config": ["--config", "other.json", "--augment",
+                                                                        "--hflip"],
+                "broken": ["--no-such-flag"]}
+    (tmp_path / "variants.json").write_text(json.dumps(variants))
+    out = tmp_path / "ablation"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "ablation.py"), "--dataset-root", str(root),
+                           "--out", str(out), "--base", str(tmp_path / "base.json"), "--variants",
+                           str(tmp_path / "variants.json"), "--parallel", "2", "--epochs", "1", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]  # one variant failed
+
+    results = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert list(results) == ["small_images", "other_config", "broken"]
+    for name in ("small_images", "other_config"):
+        r = results[name]
+        assert r["status"] == "ok", r
+        assert all(0.0 <= r["dev_beam3"][f"Bleu_{n}"] <= 1.0 for n in range(1, 5))
+        assert r["dev_beam3"]["beam_size"] == 3 and r["dev_beam3"]["num_images"] == 8
+        assert (r["best_epoch"], r["epochs_run"]) == (1, 1) and r["train_seconds"] > 0
+        assert r["device"].startswith("cpu")
+    assert results["small_images"]["overrides"] == ["--image-size", "32"]
+    assert Path(results["other_config"]["config"]) == tmp_path / "other.json"
+    assert json.loads((out / "other_config" / "config.json").read_text())["train"]["ema_decay"] == 0.5
+    assert json.loads((out / "small_images" / "config.json").read_text())["data"]["image_size"] == 32
+    assert results["broken"]["status"] == "failed" and "--no-such-flag" in results["broken"]["train_log_tail"]
+    assert "dev_beam3" not in results["broken"]
+
+    table = (out / "results.md").read_text()
+    assert table.splitlines()[0].startswith("| variant |") and table in proc.stdout
+    assert "| small_images | `--image-size 32` |" in table and "| broken |" in table
+    assert "--no-such-flag" in proc.stderr  # the failed variant's log tail
