@@ -12,8 +12,9 @@ among them replaces the base instead (FILE relative to the variants file). Each 
         --beam-size 3 --out OUT/NAME/dev_beam3.json
 
 as subprocesses (their output in OUT/NAME/train.log and eval.log), `--parallel K` variants at a time. Flags given
-to this script after `--` go to every `train` after the variant's own (so they win), then `--epochs` and
-`--device`. A variant that fails is reported with the tail of its log and does not stop the others; one that
+to this script after `--` go to every `train` after the variant's own (so they win), then `--epochs` (every
+variant trains that many) or `--max-epochs` (a variant whose config asks for more trains that many; one that
+asks for fewer keeps its own), and `--device`. A variant that fails is reported with the tail of its log and does not stop the others; one that
 runs past `--timeout-per-run` seconds gets SIGTERM (it writes last.pt and stops at the next batch), SIGKILL a
 minute later, and its best.pt so far is still evaluated. OUT/results.json (rewritten as each variant ends) holds
 per variant the flags, dev BLEU-1..4 with beam 3, best epoch, epochs run, train seconds and device; OUT/results.md
@@ -35,6 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the captioner package of this checkout, installed or not
+
+from captioner.config import TrainConfig  # noqa: E402
 DEFAULT_BASE = REPO / "configs" / "flickr8k_scratch.json"
 DEFAULT_VARIANTS = REPO / "configs" / "flickr8k_ablation.json"
 KILL_GRACE_SECONDS = 60  # after SIGTERM, time to finish the batch and write last.pt
@@ -58,6 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=1, help="variants trained at the same time (default: 1)")
     p.add_argument("--device", help="passed to train and evaluate (default: each config's, i.e. auto)")
     p.add_argument("--epochs", type=int, help="passed to every train (overrides the configs)")
+    p.add_argument("--max-epochs", type=int, help="cap on each variant's epochs (its config's count if lower)")
     p.add_argument("--timeout-per-run", type=float, default=0.0, metavar="S",
                    help="stop a variant's training after S seconds and evaluate its best.pt so far (0 = none)")
     p.add_argument("--eval-batch-size", type=int, default=64)
@@ -101,12 +106,26 @@ def split_config(flags: list[str], base: Path, variants_file: Path) -> tuple[Pat
     return config, flags[:i] + flags[i + 2 :]
 
 
+def planned_epochs(config: Path, flags: list[str]) -> int:
+    """The epochs a variant's config and flags ask for (the last --epochs among its flags wins)."""
+    epochs = json.loads(config.read_text()).get("train", {}).get("epochs", TrainConfig.epochs)
+    for i, flag in enumerate(flags):
+        if flag == "--epochs" and i + 1 < len(flags):
+            epochs = int(flags[i + 1])
+        elif flag.startswith("--epochs="):
+            epochs = int(flag.split("=", 1)[1])
+    return epochs
+
+
 def commands(name: str, config: Path, flags: list[str], args: argparse.Namespace) -> tuple[list[str], list[str]]:
     run = Path(args.out) / name
     device = ["--device", args.device] if args.device else []
+    epochs = args.epochs
+    if not epochs and args.max_epochs:
+        epochs = min(args.max_epochs, planned_epochs(config, [*flags, *args.extra]))
     train = [sys.executable, "-m", "captioner", "train", "--config", str(config), "--dataset", "flickr8k",
              "--root", args.root, "--out", str(run), "--no-progress", *flags, *args.extra,
-             *(["--epochs", str(args.epochs)] if args.epochs else []), *device]
+             *(["--epochs", str(epochs)] if epochs else []), *device]
     evaluate = [sys.executable, "-m", "captioner", "evaluate", "--checkpoint", str(run / "best.pt"),
                 "--dataset", "flickr8k", "--root", args.root, "--split", "dev", "--beam-size", "3",
                 "--batch-size", str(args.eval_batch_size), "--out", str(run / "dev_beam3.json"), *device,

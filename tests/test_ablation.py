@@ -67,3 +67,24 @@ def test_two_variants_in_parallel_and_a_broken_one(synthetic_dataset, tmp_path):
     assert table.splitlines()[0].startswith("| variant |") and table in proc.stdout
     assert "| small_images | `--image-size 32` |" in table and "| broken |" in table
     assert "--no-such-flag" in proc.stderr  # the failed variant's log tail
+
+
+def test_dry_run_prints_the_commands_and_max_epochs_caps_only_longer_runs(tmp_path):
+    (tmp_path / "base.json").write_text(json.dumps({"train": {"epochs": 30}}))
+    (tmp_path / "short.json").write_text(json.dumps({"train": {"epochs": 4}}))
+    (tmp_path / "variants.json").write_text(json.dumps({"base": [], "short": ["--config", "short.json"],
+                                                        "flagged": ["--epochs", "5", "--hflip"]}))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "ablation.py"), "--dataset-root", "ROOT", "--out",
+                           "OUT", "--base", str(tmp_path / "base.json"), "--variants", str(tmp_path / "variants.json"),
+                           "--max-epochs", "6", "--dry-run", "--", "--workers", "2"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    train = [line.split() for line in proc.stdout.splitlines() if " train " in line]
+    assert [c[c.index("--config") + 1] for c in train] == [str(tmp_path / n) for n in ("base.json", "short.json",
+                                                                                      "base.json")]
+    assert [c[-2:] for c in train] == [["--epochs", "6"], ["--epochs", "4"], ["--epochs", "5"]]
+    assert all(c[c.index("--no-progress") + 1 :][-4:-2] == ["--workers", "2"] for c in train)
+    evaluate = [line.split() for line in proc.stdout.splitlines() if " evaluate " in line]
+    assert [c[c.index("--checkpoint") + 1] for c in evaluate] == [f"OUT/{n}/best.pt" for n in ("base", "short",
+                                                                                                 "flagged")]
+    assert all(c[c.index("--beam-size") + 1] == "3" and c[c.index("--split") + 1] == "dev" for c in evaluate)
