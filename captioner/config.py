@@ -39,6 +39,7 @@ class DataConfig:
     image_size: int = 128
     augment: bool = False
     cache_images: bool = True
+    gpu_decode: bool = False  # decode JPEGs with nvjpeg on the CUDA device (workers only read bytes); not with augment
     feature_cache: str = "auto"  # frozen-prefix features on disk: auto (RUN/feature_cache) | off | a folder
     val_limit: int = 0  # 0 = whole validation split
     strict: bool = False

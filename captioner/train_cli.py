@@ -19,6 +19,7 @@ TRAIN_FLAGS = {
     "--image-size": ("data", "image_size", int),
     "--augment": ("data", "augment", "bool"),
     "--cache-images": ("data", "cache_images", "bool"),
+    "--gpu-decode": ("data", "gpu_decode", "bool"),
     "--feature-cache": ("data", "feature_cache", str),
     "--val-limit": ("data", "val_limit", int),
     "--strict": ("data", "strict", "bool"),
