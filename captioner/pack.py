@@ -3,7 +3,7 @@ cannot take the originals.
 
 Why: a GPU machine that receives the working tree takes at most 64 MiB, and a slow disk pays for every byte
 an epoch reads. Training resizes every image to --image-size (128 by default) anyway, so pixels beyond that
-are only carried to be thrown away. Flickr8k at 128 px and JPEG quality 85 is a quarter of its size.
+are only carried to be thrown away. Flickr8k at 128 px and JPEG quality 85 is 22% of its size.
 
 The copy is a mirror: same relative paths and file names, caption and split files copied byte for byte, so
 every loader (COCO JSON, Karpathy JSON, Flickr8k token file) reads it exactly as it read the original and
@@ -254,9 +254,9 @@ def _write_atomically(path: Path, write) -> None:
     """Call write(handle) on a temporary file next to `path`, then rename it over `path`.
 
     An interrupted process leaves the previous file or the new one, never a torn one. Files are not fsynced
-    one by one (thousands of them would cost more than the packing): after a power cut, an image may be left
-    empty, and the next run packs it again. Raises PackWriteError naming the file when it cannot be written (full disk, no
-    permission), since every later write would fail the same way.
+    one by one (a cost a copy that can be made again need not pay): after a power cut, a file may be left
+    empty, and the next run writes it again. Raises PackWriteError naming the file when it cannot be written
+    (full disk, no permission), since every later write would fail the same way.
     """
     tmp = None
     try:
