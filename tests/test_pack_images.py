@@ -70,7 +70,8 @@ def _files(root: Path) -> dict[Path, Path]:
 def test_flickr8k_tree_packs_and_loads_the_same(tmp_path):
     src, dst = _flickr_tree(tmp_path / "src"), tmp_path / "dst"
     summary = pack_images(src, dst, size=SIZE, workers=1, progress=False)
-    assert (summary.images, summary.packed, summary.up_to_date, summary.unreadable, summary.other_files) == (5, 5, 0, 0, 3)
+    counts = (summary.images, summary.packed, summary.up_to_date, summary.unreadable, summary.other_files)
+    assert counts == (5, 5, 0, 0, 3)
     assert summary.bytes_after == sum(p.stat().st_size for p in _files(dst).values())
     assert _files(dst).keys() == _files(src).keys()  # same tree, same names (tall.JPG keeps its case)
     for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt"):
