@@ -90,6 +90,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
 
+    p = sub.add_parser("pack-images", help="copy a dataset folder with its images shrunk (same tree, same file "
+                       "names; caption and split files copied as they are)")
+    p.add_argument("source", metavar="SRC", help="dataset folder (e.g. the Flickr8k root, or a COCO folder)")
+    p.add_argument("destination", metavar="DST", help="folder for the copy (created; not SRC or inside it)")
+    p.add_argument("--size", type=int, default=128, help="shorter side of the packed images in pixels; smaller "
+                   "images are kept at their size (default: %(default)s, the default --image-size of train)")
+    p.add_argument("--quality", type=int, default=85, help="JPEG/WebP quality (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: os.cpu_count())")
+
     p = sub.add_parser("bleu-bench", help="checkpoints x beam sizes x length penalties on one split: tables, plot")
     from .benchmarks.bleu_bench import add_arguments as add_bleu_bench_arguments
 

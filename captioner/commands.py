@@ -147,6 +147,17 @@ def make_synthetic(args) -> int:
     return 0
 
 
+def pack_images(args) -> int:
+    from .pack import pack_images as pack
+
+    summary = pack(args.source, args.destination, size=args.size, quality=args.quality, workers=args.workers)
+    if summary.unreadable:  # each was named on stderr as it was met
+        print(f"captioner pack-images: {summary.unreadable} of {summary.images} image(s) could not be read and "
+              "were not written", file=sys.stderr)
+    print(json.dumps(summary.to_dict()))
+    return 1 if summary.unreadable else 0
+
+
 def bleu_bench(args) -> int:
     from .benchmarks.bleu_bench import run_from_args
 

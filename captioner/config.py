@@ -42,6 +42,7 @@ class DataConfig:
     color_jitter: float = 0.1  # with augment: brightness, contrast and saturation factors in [1 - s, 1 + s]
     hflip: bool = False  # with augment: mirror half the images, swapping "left" and "right" in their captions
     cache_images: bool = True
+    gpu_decode: bool = False  # decode JPEGs with nvjpeg on the CUDA device (workers only read bytes); not with augment
     feature_cache: str = "auto"  # frozen-prefix features on disk: auto (RUN/feature_cache) | off | a folder
     val_limit: int = 0  # 0 = whole validation split
     strict: bool = False

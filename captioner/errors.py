@@ -38,3 +38,9 @@ class TrainingInterrupted(CaptionerError):
 
 class WeightsUnavailableError(CaptionerError):
     """Encoder weights were requested but cannot be found or downloaded."""
+
+
+class PackWriteError(CaptionerError):
+    """pack-images could not write into its destination (full disk, read-only folder)."""
+
+    exit_status = 1

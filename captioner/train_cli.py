@@ -22,6 +22,7 @@ TRAIN_FLAGS = {
     "--color-jitter": ("data", "color_jitter", float),
     "--hflip": ("data", "hflip", "bool"),
     "--cache-images": ("data", "cache_images", "bool"),
+    "--gpu-decode": ("data", "gpu_decode", "bool"),
     "--feature-cache": ("data", "feature_cache", str),
     "--val-limit": ("data", "val_limit", int),
     "--strict": ("data", "strict", "bool"),

@@ -30,6 +30,7 @@ from .config import RunConfig
 from .curves import TENSORBOARD_DIR, write_epoch_scalars
 from .data.collate import CaptionCollate
 from .data.dataset import CaptionDataset
+from .data.device_decode import DeviceDecodingLoader
 from .data.factory import load_records
 from .data.sampling import EpochSampler
 from .data.transforms import TrainAugment
@@ -86,13 +87,21 @@ def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: boo
     which a resumed run restores for dropout."""
     d, t = cfg.data, cfg.train
     augment = train_augment(cfg) if train else None
-    dataset = CaptionDataset(records, d.image_size, augment=augment, cache_images=d.cache_images, strict=d.strict)
+    if d.gpu_decode and device.type != "cuda":
+        raise CaptionerError(f"--gpu-decode decodes JPEGs with nvjpeg on a CUDA device; this run uses {device}")
+    encoded = d.gpu_decode and augment is None
+    if d.gpu_decode and not encoded:
+        log.warning("--gpu-decode: augmented training images are decoded on the CPU (augmentation runs there); "
+                    "validation images are decoded on the GPU")
+    dataset = CaptionDataset(records, d.image_size, augment=augment, cache_images=d.cache_images and not encoded,
+                             strict=d.strict, encoded=encoded)
     collate = CaptionCollate(tokenizer if train else None, cfg.model.max_len, t.captions_per_image)
     dist = dist or Distributed()
     sampler = EpochSampler(len(dataset), t.seed, shuffle=train, rank=dist.rank, world_size=dist.world_size)
-    return DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
-                      pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
-                      generator=torch.Generator().manual_seed(t.seed))
+    loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
+                        pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
+                        generator=torch.Generator().manual_seed(t.seed))
+    return DeviceDecodingLoader(loader, device) if encoded else loader
 
 
 def train_augment(cfg: RunConfig) -> TrainAugment | None:
@@ -124,7 +133,11 @@ def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: to
             if images:
                 yield prepare_images(torch.stack(images), device)
 
-    model.encoder.calibrate_prefix(batches())
+    encoded, dataset.encoded = dataset.encoded, False  # pixels decoded here, whatever the loader does later
+    try:
+        model.encoder.calibrate_prefix(batches())
+    finally:
+        dataset.encoded = encoded
     log.info("calibrated the frozen trunk's BatchNorm statistics on %d images", len(order))
 
 

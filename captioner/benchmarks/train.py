@@ -1,24 +1,33 @@
 """Training benchmark: images/s of training steps end to end from JPEG files and from cached features, against
 a plain baseline (fp32, PIL loading in the training process, no cache), all in one process on one device.
 
-The data is generated: synthetic scenes drawn at COCO's size (640x480 JPEGs, five captions each). Every
-figure comes from the project's own training step (`engine.train_one_epoch`) on the default-size model:
+The data is generated: synthetic scenes drawn at COCO's size (640x480 JPEGs at quality 90, five captions each).
+Every figure comes from the project's own training step (`engine.train_one_epoch`) on the default-size model:
 
-- baseline: frozen trunk run in every step, fp32, DataLoader without workers, no cache;
-- frozen_from_jpeg: frozen trunk, DataLoader workers and pinned memory, channels_last, bf16 autocast on CUDA;
-- finetune_from_jpeg: the whole trunk trained (`--trainable-layers 5`), same loading;
-- cached_features: the frozen trunk's output read from the on-disk FeatureStore (filled beforehand, and the
-  fill timed as `extract`), so a step is the bridge and the decoder only.
+- baseline: frozen trunk run in every step, fp32, PIL decoding in the training process, no cache;
+- frozen_from_jpeg: frozen trunk, PIL decoding in DataLoader workers, pinned memory, channels_last, bf16 autocast
+  on CUDA;
+- CUDA only: frozen_gpu_decode (workers read bytes, nvjpeg decodes and resizes the batch on the GPU) and
+  frozen_gpu_decode_prefetch (the same, decoding batch k+1 on a side stream while batch k trains);
+- finetune_from_jpeg: the whole trunk trained (`--trainable-layers 5`), with the fastest loading of the device;
+- extract: filling the on-disk FeatureStore with the frozen trunk's output;
+- cached_features: training from that store, so a step is the bridge and the decoder only;
+- with `--coco-epoch` (CUDA): a COCO-sized epoch, 113,287 records over the generated files (each file stands
+  for many records), extracted into a fresh store and then trained for one whole epoch from it, timed.
 
-Each setting runs `--batches` timed batches after one warm-up batch. Peak memory: CUDA's peak allocated per
-setting; on CPU the process's peak resident set so far (it never goes down, so read it as an upper bound).
+Timing: each setting draws from one loader iterator; the first 2 x workers + 1 batches are a warm-up (the
+workers' queue, filled before timing starts, would otherwise flatter a data-bound setting), then `--batches`
+are timed. Captions: `--captions-per-image` of the five per image, all trained in each step. Peak memory:
+CUDA's peak allocated per setting; on CPU the process's peak resident set so far (an upper bound).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -30,6 +39,8 @@ from ..config import ModelConfig
 from ..data.coco import load_coco
 from ..data.collate import CaptionCollate
 from ..data.dataset import CaptionDataset
+from ..data.device_decode import DeviceDecodingLoader
+from ..data.records import ImageRecord
 from ..data.sampling import EpochSampler
 from ..engine import fill_feature_store, train_one_epoch
 from ..feature_cache import FeatureStore
@@ -40,24 +51,69 @@ from .decode import _device_name, _peak_memory_mb, _reset_peak, _sync
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval: the usual "one COCO epoch"
 
 
-def coco_sized_images(folder: Path, count: int, seed: int = 0):
-    """`count` synthetic scenes as 640x480 JPEGs (quality 90) with their captions -> ImageRecords."""
+@dataclass
+class TrainBenchmarkOptions:
+    device: str = "auto"
+    images: int = 256  # distinct 640x480 JPEGs generated
+    batch_size: int = 32
+    batches: int = 6  # timed batches per setting, after the warm-up
+    baseline_batches: int = 0  # 0 = `batches`; the baseline is slow on a GPU machine, a few batches suffice there
+    finetune_batches: int = 2
+    image_size: int = 224
+    workers: int = 2  # DataLoader workers of the fast settings
+    captions_per_image: int = 5
+    coco_epoch: bool = False
+
+
+def _write_part(folder: str, count: int, seed: int) -> tuple[str, str]:
     from ..data.synthetic import make_synthetic
 
     written = make_synthetic(folder, num_train=count, num_val=0, seed=seed, width=640, height=480)
-    records = load_coco(written.train_captions, written.train_images)
-    for r in records:  # make_synthetic's own JPEG quality is kept; re-save at a photo-like quality
-        Image.open(r.path).convert("RGB").save(r.path, quality=90)
-    return records
+    for path in Path(written.train_images).iterdir():  # re-save at a photo-like quality
+        Image.open(path).convert("RGB").save(path, quality=90)
+    return str(written.train_captions), str(written.train_images)
 
 
-def _loader(records, tokenizer, image_size: int, batch_size: int, workers: int, device: torch.device,
-            store: FeatureStore | None = None, captions_per_image: int = 5) -> DataLoader:
-    dataset = CaptionDataset(records, image_size, cache_images=False)
+def coco_sized_images(folder: Path, count: int, seed: int = 0, processes: int = 1) -> list[ImageRecord]:
+    """`count` synthetic scenes as 640x480 JPEGs (quality 90) with five captions each -> ImageRecords.
+    `processes` > 1 draws parts in parallel (distinct seeds per part)."""
+    processes = max(1, min(processes, count))
+    sizes = [count // processes + (i < count % processes) for i in range(processes)]
+    jobs = [(str(folder / f"part{i}"), n, seed + i) for i, n in enumerate(sizes)]
+    if processes == 1:
+        parts = [_write_part(*jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            parts = pool.starmap(_write_part, jobs)
+    return [r for captions, images in parts for r in load_coco(captions, images)]
+
+
+class _Repeated:
+    """A sampler over several epochs of EpochSampler order, so warm-up and timed batches come from one iterator
+    however many batches are asked for."""
+
+    def __init__(self, num_items: int, epochs: int = 1000):
+        self.sampler, self.epochs = EpochSampler(num_items, seed=0), epochs
+
+    def __iter__(self):
+        for epoch in range(1, self.epochs + 1):
+            self.sampler.set_epoch(epoch)
+            yield from self.sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler) * self.epochs
+
+
+def _loader(records, tokenizer, opts: TrainBenchmarkOptions, device: torch.device, workers: int,
+            gpu_decode: str = "", store: FeatureStore | None = None, repeat: bool = True):
+    """gpu_decode: "" (PIL), "inline" or "prefetch" (nvjpeg; see data/device_decode.py)."""
+    dataset = CaptionDataset(records, opts.image_size, cache_images=False, encoded=bool(gpu_decode))
     dataset.features = store
-    return DataLoader(dataset, batch_size=batch_size, sampler=EpochSampler(len(records), seed=0),
-                      num_workers=workers, collate_fn=CaptionCollate(tokenizer, 40, captions_per_image),
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+    sampler = _Repeated(len(records)) if repeat else EpochSampler(len(records), seed=0)
+    loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=sampler, num_workers=workers,
+                        collate_fn=CaptionCollate(tokenizer, 40, opts.captions_per_image),
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    return DeviceDecodingLoader(loader, device, prefetch=gpu_decode == "prefetch") if gpu_decode else loader
 
 
 def _model(vocab_size: int, trainable_layers: int, device: torch.device) -> Captioner:
@@ -66,22 +122,29 @@ def _model(vocab_size: int, trainable_layers: int, device: torch.device) -> Capt
     return model.to(device).to(memory_format=torch.channels_last)
 
 
+def _optimizer(model):
+    from ..training import make_optimizer
+
+    optimizer = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}], 1e-4)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
 def _time_training(model, loader, batches: int, device: torch.device, store: FeatureStore | None = None,
-                   autocast: bool = True) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_one_epoch(model, islice(loader, 1), optimizer, scheduler, device, 0, progress=False,
-                    feature_store=store, amp=autocast)  # warm-up: kernels, allocator, workers
+                   autocast: bool = True, warmup: int = 1, captions_per_image: int = 5) -> dict:
+    optimizer, scheduler = _optimizer(model)
+    batches_in = iter(loader)
+    train_one_epoch(model, islice(batches_in, warmup), optimizer, scheduler, device, 0, progress=False,
+                    feature_store=store, amp=autocast)  # kernels, allocator, workers, their queue
     _sync(device)
     _reset_peak(device)
     started = time.perf_counter()
-    stats = train_one_epoch(model, islice(loader, batches), optimizer, scheduler, device, 0, progress=False,
+    stats = train_one_epoch(model, islice(batches_in, batches), optimizer, scheduler, device, 0, progress=False,
                             feature_store=store, amp=autocast)
     _sync(device)
     seconds = time.perf_counter() - started
-    captions = stats["images"] * loader.collate_fn.captions_per_image
-    return {"images_per_s": round(stats["images"] / seconds, 1), "captions_per_s": round(captions / seconds, 1),
+    del batches_in  # stops the workers (and a prefetch thread) now, not at the next setting
+    return {"images_per_s": round(stats["images"] / seconds, 1),
+            "captions_per_s": round(stats["images"] * captions_per_image / seconds, 1),
             "images": stats["images"], "seconds": round(seconds, 3),
             "peak_memory_mb": round(_peak_memory_mb(device), 1)}
 
@@ -94,61 +157,112 @@ def _time_extraction(model, loader, store: FeatureStore, device: torch.device) -
     return {"images_per_s": round(count / seconds, 1), "images": count, "seconds": round(seconds, 3)}
 
 
-def run_train_benchmark(device: str = "auto", num_images: int = 256, batch_size: int = 32, batches: int = 6,
-                        image_size: int = 224, workers: int = 2, finetune_batches: int = 2) -> dict:
+def _feature_shape(model, image_size: int, device: torch.device) -> tuple[int, ...]:
+    with torch.no_grad():
+        return tuple(model.encoder.forward_prefix(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
+
+
+def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
     from ..training import resolve_device
 
-    torch_device = resolve_device(device)
+    device = resolve_device(opts.device)
+    cuda = device.type == "cuda"
+    if opts.coco_epoch and not cuda:
+        raise ValueError("--coco-epoch needs a CUDA device (113,287 images through a CPU take hours)")
+    warmup = 2 * opts.workers + 1
     with tempfile.TemporaryDirectory() as tmp:
-        records = coco_sized_images(Path(tmp) / "images", num_images)
+        started = time.perf_counter()
+        records = coco_sized_images(Path(tmp) / "images", opts.images, processes=max(1, multiprocessing.cpu_count()))
         tokenizer = Tokenizer.train(c for r in records for c in r.captions)
-        result = {"benchmark": "train", "device": _device_name(torch_device), "torch": torch.__version__,
-                  "threads": torch.get_num_threads(), "images": num_images, "image_file_size": "640x480 JPEG",
-                  "image_size": image_size, "batch_size": batch_size, "captions_per_image": 5,
-                  "timed_batches": batches, "workers": workers,
-                  "autocast": "bf16" if torch_device.type == "cuda" else "fp32"}
-        frozen = _model(tokenizer.vocab_size, 0, torch_device)
+        result = {"benchmark": "train", "device": _device_name(device), "torch": torch.__version__,
+                  "threads": torch.get_num_threads(), "cpu_cores": multiprocessing.cpu_count(),
+                  "image_file_size": "640x480 JPEG q90", "generate_seconds": round(time.perf_counter() - started, 1),
+                  "autocast": "bf16" if cuda else "fp32", "warmup_batches": warmup, **asdict(opts)}
+        frozen = _model(tokenizer.vocab_size, 0, device)
+        cpi = opts.captions_per_image
 
-        result["baseline"] = _time_training(frozen, _loader(records, tokenizer, image_size, batch_size, 0,
-                                                            torch_device), batches, torch_device, autocast=False)
-        result["frozen_from_jpeg"] = _time_training(
-            frozen, _loader(records, tokenizer, image_size, batch_size, workers, torch_device), batches, torch_device)
-        finetune = _model(tokenizer.vocab_size, 5, torch_device)
-        result["finetune_from_jpeg"] = _time_training(
-            finetune, _loader(records, tokenizer, image_size, batch_size, workers, torch_device),
-            finetune_batches, torch_device)
+        def timed(model, loader, batches=opts.batches, **kw):
+            return _time_training(model, loader, batches, device, captions_per_image=cpi, **kw)
+
+        result["baseline"] = timed(frozen, _loader(records, tokenizer, opts, device, 0),
+                                   opts.baseline_batches or opts.batches, autocast=False)
+        result["frozen_from_jpeg"] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
+                                           warmup=warmup)
+        fastest = ""
+        if cuda:
+            for mode in ("inline", "prefetch"):
+                result[f"frozen_gpu_decode{'_prefetch' if mode == 'prefetch' else ''}"] = timed(
+                    frozen, _loader(records, tokenizer, opts, device, opts.workers, mode), warmup=warmup)
+            fastest = "prefetch"
+        finetune = _model(tokenizer.vocab_size, 5, device)
+        result["finetune_from_jpeg"] = timed(finetune, _loader(records, tokenizer, opts, device, opts.workers, fastest),
+                                             opts.finetune_batches, warmup=warmup)
         del finetune
 
-        with torch.no_grad():
-            shape = frozen.encoder.forward_prefix(torch.zeros(1, 3, image_size, image_size, device=torch_device)).shape
-        store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records), shape[1:])
-        result["extract"] = _time_extraction(frozen, _loader(records, tokenizer, image_size, batch_size, workers,
-                                                        torch_device), store, torch_device)
-        # Workers bring nothing to memory-mapped rows: they would only copy them between processes.
-        result["cached_features"] = _time_training(
-            frozen, _loader(records, tokenizer, image_size, batch_size, 0, torch_device, store), batches,
-            torch_device, store)
+        store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records),
+                                  _feature_shape(frozen, opts.image_size, device))
+        result["extract"] = _time_extraction(
+            frozen, _loader(records, tokenizer, opts, device, opts.workers, fastest, repeat=False), store, device)
+        # On 2 CPU cores workers would only copy memory-mapped rows between processes; a GPU machine's cores
+        # tokenise captions and gather rows in parallel.
+        cached_workers = opts.workers if cuda else 0
+        result["cached_features"] = timed(
+            frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
+            warmup=2 * cached_workers + 1)
+        if opts.coco_epoch:
+            result["coco_epoch"] = _coco_epoch(frozen, records, tokenizer, opts, device, Path(tmp))
     baseline = result["baseline"]["images_per_s"]
-    for name in ("frozen_from_jpeg", "finetune_from_jpeg", "cached_features"):
-        result[f"{name}_vs_baseline"] = round(result[name]["images_per_s"] / baseline, 2)
-    result["coco_epoch_seconds_cached"] = round(COCO_TRAIN_IMAGES / result["cached_features"]["images_per_s"], 1)
+    for name in ("frozen_from_jpeg", "frozen_gpu_decode", "frozen_gpu_decode_prefetch", "finetune_from_jpeg",
+                 "cached_features"):
+        if name in result:
+            result[f"{name}_vs_baseline"] = round(result[name]["images_per_s"] / baseline, 2)
+    result["coco_epoch_seconds_cached_estimate"] = round(COCO_TRAIN_IMAGES / result["cached_features"]["images_per_s"], 1)
     return result
 
 
+def _coco_epoch(model, records, tokenizer, opts: TrainBenchmarkOptions, device: torch.device, tmp: Path) -> dict:
+    """Extract then train one whole epoch of COCO_TRAIN_IMAGES records (the generated files, reused in turn)."""
+    coco = [records[i % len(records)] for i in range(COCO_TRAIN_IMAGES)]
+    store = FeatureStore.open(tmp / "coco_features", {"benchmark": "coco"}, len(coco),
+                              _feature_shape(model, opts.image_size, device))
+    extract = _time_extraction(model, _loader(coco, tokenizer, opts, device, opts.workers, "prefetch", repeat=False),
+                               store, device)
+    optimizer, scheduler = _optimizer(model)
+    loader = _loader(coco, tokenizer, opts, device, opts.workers, store=store, repeat=False)
+    _sync(device)
+    started = time.perf_counter()
+    stats = train_one_epoch(model, loader, optimizer, scheduler, device, 1, progress=False, feature_store=store)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    return {"records": len(coco), "distinct_files": len(records), "extract": extract,
+            "train_epoch_seconds": round(seconds, 1), "images": stats["images"],
+            "captions": stats["images"] * opts.captions_per_image,
+            "captions_per_s": round(stats["images"] * opts.captions_per_image / seconds, 1)}
+
+
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="auto")
-    p.add_argument("--images", type=int, default=256, help="synthetic 640x480 JPEGs to generate")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--batches", type=int, default=6, help="timed batches per setting (after one warm-up batch)")
-    p.add_argument("--finetune-batches", type=int, default=2, help="timed batches with the whole trunk trained")
-    p.add_argument("--image-size", type=int, default=224)
-    p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the fast settings")
+    defaults = TrainBenchmarkOptions()
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--images", type=int, default=defaults.images, help="distinct synthetic 640x480 JPEGs to generate")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--batches", type=int, default=defaults.batches, help="timed batches per setting (after warm-up)")
+    p.add_argument("--baseline-batches", type=int, default=0, help="timed batches of the baseline (0 = --batches)")
+    p.add_argument("--finetune-batches", type=int, default=defaults.finetune_batches,
+                   help="timed batches with the whole trunk trained")
+    p.add_argument("--image-size", type=int, default=defaults.image_size)
+    p.add_argument("--workers", type=int, default=defaults.workers, help="DataLoader workers of the fast settings")
+    p.add_argument("--captions-per-image", type=int, default=defaults.captions_per_image,
+                   help="captions trained per image per step (training's default is 2)")
+    p.add_argument("--coco-epoch", action="store_true",
+                   help="CUDA: also extract and train one whole COCO-sized epoch (113,287 records) from the cache")
     p.add_argument("--out", help="also write the JSON here")
 
 
 def run_from_args(args) -> int:
-    result = run_train_benchmark(args.device, args.images, args.batch_size, args.batches, args.image_size,
-                                 args.workers, args.finetune_batches)
+    opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
+                                 args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
+                                 args.coco_epoch)
+    result = run_train_benchmark(opts)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

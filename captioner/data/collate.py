@@ -32,13 +32,42 @@ class Batch:
     bow_targets: torch.Tensor | None = None  # (B, V) 1.0 where the token occurs in any caption of the image
     features: torch.Tensor | None = None  # (B, C, h, w) fp16 frozen-prefix features from a FeatureStore, 0 where absent
     has_features: torch.Tensor | None = None  # (B,) bool: which rows of `features` are real (their images are zeros)
+    # JPEG bytes for the GPU decoder (data/device_decode.py): (image row, uint8 (N,) file bytes); those rows of
+    # `images` are placeholders until DeviceDecodingLoader decodes them to image_size x image_size.
+    jpegs: list[tuple[int, torch.Tensor]] | None = None
+    image_size: int = 0
+
+    def _map(self, fn) -> "Batch":
+        maybe = lambda t: None if t is None else fn(t)  # noqa: E731
+        return Batch(fn(self.images), fn(self.tokens_in), fn(self.targets), fn(self.caption_image_index),
+                     self.captions, self.image_ids, self.paths, self.indices, self.skipped, maybe(self.bow_targets),
+                     maybe(self.features), maybe(self.has_features), self.jpegs, self.image_size)
 
     def to(self, device: torch.device) -> "Batch":
-        move = dict(device=device, non_blocking=True)
-        maybe = lambda t: None if t is None else t.to(**move)  # noqa: E731
-        return Batch(self.images.to(**move), self.tokens_in.to(**move), self.targets.to(**move),
-                     self.caption_image_index.to(**move), self.captions, self.image_ids, self.paths, self.indices,
-                     self.skipped, maybe(self.bow_targets), maybe(self.features), maybe(self.has_features))
+        """Tensors to `device` (JPEG bytes stay on the CPU, where nvjpeg reads them)."""
+        return self._map(lambda t: t.to(device=device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously."""
+        return self._map(lambda t: t.pin_memory())
+
+    def without_rows(self, rows: Sequence[int]) -> "Batch":
+        """The batch minus image rows `rows` (and their captions), which count as skipped: an image found
+        unreadable after collation (on the GPU decoder) costs its sample, as in the CPU path."""
+        dropped = set(rows)
+        keep = [r for r in range(len(self.image_ids)) if r not in dropped]
+        device = self.images.device
+        keep_index = torch.tensor(keep, dtype=torch.long, device=device)
+        new_row = torch.full((len(self.image_ids),), -1, dtype=torch.long, device=self.caption_image_index.device)
+        new_row[keep] = torch.arange(len(keep), device=new_row.device)
+        owners = new_row[self.caption_image_index]
+        caption_keep = (owners >= 0).nonzero().flatten()
+        pick = lambda t: None if t is None else t.index_select(0, keep_index.to(t.device))  # noqa: E731
+        return Batch(self.images.index_select(0, keep_index), self.tokens_in.index_select(0, caption_keep),
+                     self.targets.index_select(0, caption_keep), owners.index_select(0, caption_keep),
+                     [self.captions[r] for r in keep], [self.image_ids[r] for r in keep],
+                     [self.paths[r] for r in keep], [self.indices[r] for r in keep], self.skipped + len(dropped),
+                     pick(self.bow_targets), pick(self.features), pick(self.has_features), None, self.image_size)
 
 
 class CaptionCollate:
@@ -80,16 +109,19 @@ class CaptionCollate:
             tokens_in[i, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
             targets[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             targets[i, len(ids)] = EOS_ID
+        jpegs = [(row, it["jpeg"]) for row, it in enumerate(good) if it.get("jpeg") is not None]
         return Batch(images, tokens_in, targets, torch.tensor(owners, dtype=torch.long),
                      [list(it["captions"]) for it in good], [it["image_id"] for it in good],
-                     [it["path"] for it in good], [it["index"] for it in good], skipped, bow, features, has_features)
+                     [it["path"] for it in good], [it["index"] for it in good], skipped, bow, features, has_features,
+                     jpegs or None, max((it.get("image_size", 0) for it in good), default=0))
 
 
 def _stack_pixels_and_features(items: Sequence[dict]):
     """-> images (B, 3, S, S) uint8, features (B, C, h, w) fp16 or None, has_features (B,) bool or None.
 
-    Items from a FeatureStore carry features instead of pixels; a batch may mix both (epoch 1 of a partly
-    filled cache). Missing rows are zeros: images of featured rows, features of pixel rows."""
+    Items from a FeatureStore carry features instead of pixels, and items for the GPU decoder JPEG bytes; a batch
+    may mix them (epoch 1 of a partly filled cache). Missing rows are zeros: images of featured and JPEG rows
+    (a (3, 1, 1) placeholder when no row has pixels), features of the others."""
     if not items:
         return torch.empty(0, 3, 1, 1, dtype=torch.uint8), None, None
     featured = [it.get("features") is not None for it in items]

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ImageReadError
+from .device_decode import encoded_jpeg
 from .images import load_image
 from .records import ImageRecord
 from .sampling import ItemKey
@@ -44,6 +45,10 @@ class CaptionDataset(Dataset):
 
     With `features` set to a FeatureStore, an item whose frozen-prefix features are stored comes with
     `features` (fp16 (C, h, w)) and image None, without opening its file.
+
+    `encoded=True` (GPU decoding, see data/device_decode.py): a plain JPEG comes as its file bytes (`jpeg`,
+    uint8 (N,)) with image None and `image_size`, for nvjpeg to decode; other files are decoded here as usual.
+    It needs augment None (augmentation runs on decoded CPU tensors) and caches nothing.
     """
 
     def __init__(
@@ -53,14 +58,18 @@ class CaptionDataset(Dataset):
         augment: TrainAugment | None = None,
         cache_images: bool = False,
         strict: bool = False,
+        encoded: bool = False,
     ) -> None:
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
+        if encoded and augment is not None:
+            raise ValueError("encoded=True (GPU decoding) cannot be combined with CPU augmentation")
         self.records = list(records)
         self.image_size = image_size
         self.augment = augment
         self.cache_images = cache_images
         self.strict = strict
+        self.encoded = encoded
         self.failed_paths: list[str] = []
         self.features = None  # a FeatureStore (feature_cache.py): items it holds come as features, not pixels
         self._cache: dict[int, torch.Tensor] = {}
@@ -75,6 +84,11 @@ class CaptionDataset(Dataset):
         if self.features is not None and self.features.has(index):  # no JPEG decoded at all
             return {"image": None, "features": self.features.get(index), "captions": list(record.captions),
                     "image_id": record.image_id, "path": str(record.path), "index": index, "seed": seed}
+        if self.encoded:
+            data = encoded_jpeg(record.path)
+            if data is not None:  # for the GPU decoder; anything else is decoded below
+                return {"image": None, "jpeg": data, "image_size": self.image_size, "captions": list(record.captions),
+                        "image_id": record.image_id, "path": str(record.path), "index": index, "seed": seed}
         image = self._image(index, record)
         if image is None:
             return None
