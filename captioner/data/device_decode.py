@@ -77,7 +77,9 @@ def _decode_on_device(data: list[torch.Tensor], device: torch.device) -> list[to
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return list(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-        except RuntimeError:
+        except RuntimeError as exc:
+            log.warning("batched JPEG decode on %s failed (%s); decoding this batch image by image", device,
+                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             decoded: list[torch.Tensor | None] = []
             for one in data:
                 try:
