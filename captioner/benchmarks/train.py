@@ -24,6 +24,7 @@ CUDA's peak allocated per setting; on CPU the process's peak resident set so far
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import tempfile
 import time
@@ -47,6 +48,8 @@ from ..feature_cache import FeatureStore
 from ..models.captioner import Captioner
 from ..text import Tokenizer
 from .decode import _device_name, _peak_memory_mb, _reset_peak, _sync
+
+log = logging.getLogger(__name__)
 
 COCO_TRAIN_IMAGES = 113_287  # Karpathy train + restval: the usual "one COCO epoch"
 
@@ -86,6 +89,15 @@ def coco_sized_images(folder: Path, count: int, seed: int = 0, processes: int = 
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
             parts = pool.starmap(_write_part, jobs)
     return [r for captions, images in parts for r in load_coco(captions, images)]
+
+
+class _Results(dict):
+    """The result dict, logging each setting as it lands (a run cut short by a time limit keeps what it measured)."""
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if isinstance(value, dict):
+            log.info("%s: %s", key, json.dumps(value))
 
 
 class _Repeated:
@@ -174,10 +186,10 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         started = time.perf_counter()
         records = coco_sized_images(Path(tmp) / "images", opts.images, processes=max(1, multiprocessing.cpu_count()))
         tokenizer = Tokenizer.train(c for r in records for c in r.captions)
-        result = {"benchmark": "train", "device": _device_name(device), "torch": torch.__version__,
+        result = _Results({"benchmark": "train", "device": _device_name(device), "torch": torch.__version__,
                   "threads": torch.get_num_threads(), "cpu_cores": multiprocessing.cpu_count(),
                   "image_file_size": "640x480 JPEG q90", "generate_seconds": round(time.perf_counter() - started, 1),
-                  "autocast": "bf16" if cuda else "fp32", "warmup_batches": warmup, **asdict(opts)}
+                  "autocast": "bf16" if cuda else "fp32", "warmup_batches": warmup, **asdict(opts)})
         frozen = _model(tokenizer.vocab_size, 0, device)
         cpi = opts.captions_per_image
 
@@ -217,7 +229,7 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         if name in result:
             result[f"{name}_vs_baseline"] = round(result[name]["images_per_s"] / baseline, 2)
     result["coco_epoch_seconds_cached_estimate"] = round(COCO_TRAIN_IMAGES / result["cached_features"]["images_per_s"], 1)
-    return result
+    return dict(result)
 
 
 def _coco_epoch(model, records, tokenizer, opts: TrainBenchmarkOptions, device: torch.device, tmp: Path) -> dict:
