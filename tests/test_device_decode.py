@@ -115,15 +115,16 @@ def test_on_cuda_prefetched_batches_equal_inline_ones_and_training_runs(syntheti
     tokenizer = Tokenizer.train([c for r in records for c in r.captions], vocab_size=60)
     cuda = torch.device("cuda")
 
-    def batches(prefetch: bool):
+    def batches(prefetch: bool, threads: int):
         loader = DataLoader(CaptionDataset(records, SIZE, encoded=True), batch_size=8, num_workers=2,
                             collate_fn=CaptionCollate(tokenizer, 24), pin_memory=True)
-        return [(b.images.cpu(), b.paths) for b in DeviceDecodingLoader(loader, cuda, prefetch=prefetch)]
+        return [(b.images.cpu(), b.paths) for b in DeviceDecodingLoader(loader, cuda, prefetch, threads)]
 
-    inline, prefetched = batches(False), batches(True)
-    assert len(inline) == len(prefetched) == -(-len(records) // 8)
-    for (a, paths_a), (b, paths_b) in zip(inline, prefetched):
-        assert paths_a == paths_b and torch.equal(a, b)
+    inline = batches(False, 1)
+    for prefetched in (batches(True, 1), batches(True, 4), batches(False, 3)):
+        assert len(inline) == len(prefetched) == -(-len(records) // 8)
+        for (a, paths_a), (b, paths_b) in zip(inline, prefetched):
+            assert paths_a == paths_b and torch.equal(a, b)
     cpu = torch.stack([CaptionDataset(records, SIZE)[i]["image"] for i in range(8)])
     assert (inline[0][0].float() - cpu.float()).abs().mean() < 2.0  # nvjpeg: the same pictures as PIL
 

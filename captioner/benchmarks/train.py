@@ -66,6 +66,8 @@ class TrainBenchmarkOptions:
     workers: int = 2  # DataLoader workers of the fast settings
     captions_per_image: int = 5
     coco_epoch: bool = False
+    decode_threads: tuple[int, ...] = (4,)  # CUDA: nvjpeg threads of the threaded prefetch settings
+    only: tuple[str, ...] = ()  # run only these settings (the baseline always runs: ratios need it)
 
 
 def _write_part(folder: str, count: int, seed: int) -> tuple[str, str]:
@@ -117,15 +119,17 @@ class _Repeated:
 
 
 def _loader(records, tokenizer, opts: TrainBenchmarkOptions, device: torch.device, workers: int,
-            gpu_decode: str = "", store: FeatureStore | None = None, repeat: bool = True):
-    """gpu_decode: "" (PIL), "inline" or "prefetch" (nvjpeg; see data/device_decode.py)."""
+            gpu_decode: str = "", store: FeatureStore | None = None, repeat: bool = True, threads: int = 1):
+    """gpu_decode: "" (PIL), "inline" or "prefetch" (nvjpeg with `threads` threads; see data/device_decode.py)."""
     dataset = CaptionDataset(records, opts.image_size, cache_images=False, encoded=bool(gpu_decode))
     dataset.features = store
     sampler = _Repeated(len(records)) if repeat else EpochSampler(len(records), seed=0)
     loader = DataLoader(dataset, batch_size=opts.batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=CaptionCollate(tokenizer, 40, opts.captions_per_image),
                         pin_memory=device.type == "cuda", persistent_workers=False)
-    return DeviceDecodingLoader(loader, device, prefetch=gpu_decode == "prefetch") if gpu_decode else loader
+    if not gpu_decode:
+        return loader
+    return DeviceDecodingLoader(loader, device, prefetch=gpu_decode == "prefetch", threads=threads)
 
 
 def _model(vocab_size: int, trainable_layers: int, device: torch.device) -> Captioner:
@@ -196,39 +200,48 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         def timed(model, loader, batches=opts.batches, **kw):
             return _time_training(model, loader, batches, device, captions_per_image=cpi, **kw)
 
+        wanted = lambda name: not opts.only or name in opts.only  # noqa: E731
         result["baseline"] = timed(frozen, _loader(records, tokenizer, opts, device, 0),
                                    opts.baseline_batches or opts.batches, autocast=False)
-        result["frozen_from_jpeg"] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
-                                           warmup=warmup)
-        fastest = ""
+        if wanted("frozen_from_jpeg"):
+            result["frozen_from_jpeg"] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
+                                               warmup=warmup)
+        fastest, threads = "", 1
         if cuda:
-            for mode in ("inline", "prefetch"):
-                result[f"frozen_gpu_decode{'_prefetch' if mode == 'prefetch' else ''}"] = timed(
-                    frozen, _loader(records, tokenizer, opts, device, opts.workers, mode), warmup=warmup)
-            fastest = "prefetch"
-        finetune = _model(tokenizer.vocab_size, 5, device)
-        result["finetune_from_jpeg"] = timed(finetune, _loader(records, tokenizer, opts, device, opts.workers, fastest),
-                                             opts.finetune_batches, warmup=warmup)
-        del finetune
+            fastest, threads = "prefetch", max(opts.decode_threads)
+            settings = [("frozen_gpu_decode", "inline", 1), ("frozen_gpu_decode_prefetch", "prefetch", 1)]
+            settings += [(f"frozen_gpu_decode_prefetch_threads{n}", "prefetch", n) for n in opts.decode_threads]
+            for name, mode, n in settings:
+                if wanted(name):
+                    result[name] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers, mode,
+                                                         threads=n), warmup=warmup)
+        if wanted("finetune_from_jpeg"):
+            finetune = _model(tokenizer.vocab_size, 5, device)
+            result["finetune_from_jpeg"] = timed(
+                finetune, _loader(records, tokenizer, opts, device, opts.workers, fastest, threads=threads),
+                opts.finetune_batches, warmup=warmup)
+            del finetune
 
         store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records),
                                   _feature_shape(frozen, opts.image_size, device))
-        result["extract"] = _time_extraction(
-            frozen, _loader(records, tokenizer, opts, device, opts.workers, fastest, repeat=False), store, device)
+        if wanted("extract") or wanted("cached_features"):
+            result["extract"] = _time_extraction(frozen, _loader(records, tokenizer, opts, device, opts.workers,
+                                                                 fastest, repeat=False, threads=threads), store, device)
         # On 2 CPU cores workers would only copy memory-mapped rows between processes; a GPU machine's cores
         # tokenise captions and gather rows in parallel.
         cached_workers = opts.workers if cuda else 0
-        result["cached_features"] = timed(
-            frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
-            warmup=2 * cached_workers + 1)
+        if wanted("cached_features"):
+            result["cached_features"] = timed(
+                frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
+                warmup=2 * cached_workers + 1)
         if opts.coco_epoch:
             result["coco_epoch"] = _coco_epoch(frozen, records, tokenizer, opts, device, Path(tmp))
     baseline = result["baseline"]["images_per_s"]
-    for name in ("frozen_from_jpeg", "frozen_gpu_decode", "frozen_gpu_decode_prefetch", "finetune_from_jpeg",
-                 "cached_features"):
-        if name in result:
-            result[f"{name}_vs_baseline"] = round(result[name]["images_per_s"] / baseline, 2)
-    result["coco_epoch_seconds_cached_estimate"] = round(COCO_TRAIN_IMAGES / result["cached_features"]["images_per_s"], 1)
+    for name in [k for k, v in result.items() if isinstance(v, dict) and "captions_per_s" in v and k != "baseline"]:
+        result[f"{name}_vs_baseline"] = round(result[name]["images_per_s"] / baseline, 2)
+    if "cached_features" in result:
+        result["coco_epoch_seconds_cached_estimate"] = round(
+            COCO_TRAIN_IMAGES / result["cached_features"]["images_per_s"], 1)
     return dict(result)
 
 
@@ -237,8 +250,8 @@ def _coco_epoch(model, records, tokenizer, opts: TrainBenchmarkOptions, device: 
     coco = [records[i % len(records)] for i in range(COCO_TRAIN_IMAGES)]
     store = FeatureStore.open(tmp / "coco_features", {"benchmark": "coco"}, len(coco),
                               _feature_shape(model, opts.image_size, device))
-    extract = _time_extraction(model, _loader(coco, tokenizer, opts, device, opts.workers, "prefetch", repeat=False),
-                               store, device)
+    extract = _time_extraction(model, _loader(coco, tokenizer, opts, device, opts.workers, "prefetch", repeat=False,
+                                              threads=max(opts.decode_threads)), store, device)
     optimizer, scheduler = _optimizer(model)
     loader = _loader(coco, tokenizer, opts, device, opts.workers, store=store, repeat=False)
     _sync(device)
@@ -267,13 +280,17 @@ def add_arguments(p) -> None:
                    help="captions trained per image per step (training's default is 2)")
     p.add_argument("--coco-epoch", action="store_true",
                    help="CUDA: also extract and train one whole COCO-sized epoch (113,287 records) from the cache")
+    p.add_argument("--decode-threads", default="4", help="CUDA: comma-separated nvjpeg thread counts to time")
+    p.add_argument("--only", nargs="+", default=(), metavar="SETTING",
+                   help="run only these settings (e.g. frozen_gpu_decode_prefetch_threads4 cached_features)")
     p.add_argument("--out", help="also write the JSON here")
 
 
 def run_from_args(args) -> int:
     opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
                                  args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
-                                 args.coco_epoch)
+                                 args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",")),
+                                 tuple(args.only))
     result = run_train_benchmark(opts)
     text = json.dumps(result, indent=2)
     if args.out:

@@ -20,6 +20,7 @@ import queue
 import threading
 import warnings
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -68,9 +69,47 @@ def resize_on_device(images: list[torch.Tensor], image_size: int) -> torch.Tenso
     return out
 
 
-def _decode_on_device(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+DECODE_THREADS = 4
+"""Threads that share a batch's nvjpeg decoding. One call's host-side work (parsing, Huffman decoding) runs on
+the calling thread: on an H100 one thread decoded about 2,100 640x480 JPEGs/s, which capped training from JPEG
+files there. decode_jpeg is thread-safe on CUDA; each thread decodes a slice of the batch on its own stream."""
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_local = threading.local()
+
+
+def _decode_on_device(data: list[torch.Tensor], device: torch.device, threads: int = 1) -> list[torch.Tensor | None]:
     """nvjpeg decode of a list of JPEG byte tensors -> uint8 (3, H, W) on device, None where decoding failed.
-    One batched call; if it fails (one bad file fails the whole call), each image alone to find the bad ones."""
+    `threads` > 1 (CUDA): slices of the list decoded concurrently, each on its thread's own stream; the outputs
+    are ready (that stream synchronised) and marked as used by the caller's stream."""
+    if threads <= 1 or device.type != "cuda" or len(data) < 2 * threads:
+        return _decode_list(data, device)
+    pool = _pools.get(threads) or _pools.setdefault(threads, ThreadPoolExecutor(threads, "nvjpeg"))
+    step = -(-len(data) // threads)
+    futures = [pool.submit(_decode_on_own_stream, data[i : i + step], device) for i in range(0, len(data), step)]
+    consumer = torch.cuda.current_stream(device)
+    decoded: list[torch.Tensor | None] = []
+    for future in futures:
+        for image in future.result():
+            if image is not None:
+                image.record_stream(consumer)
+            decoded.append(image)
+    return decoded
+
+
+def _decode_on_own_stream(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    stream = getattr(_local, "stream", None)
+    if stream is None:
+        stream = _local.stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        decoded = _decode_list(data, device)
+    stream.synchronize()
+    return decoded
+
+
+def _decode_list(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    """One batched decode_jpeg call; if it fails (one bad file fails the whole call), each image alone to find
+    the bad ones."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():  # torchvision >= 0.29 flags its image decoders as moving to TorchCodec
@@ -89,12 +128,12 @@ def _decode_on_device(data: list[torch.Tensor], device: torch.device) -> list[to
             return decoded
 
 
-def decode_batch_on_device(batch: Batch, device: torch.device) -> Batch:
+def decode_batch_on_device(batch: Batch, device: torch.device, threads: int = 1) -> Batch:
     """A batch whose rows come as JPEG bytes -> the same batch with `images` uint8 (B, 3, S, S) on `device`.
     Rows that cannot be decoded at all are dropped and counted in `skipped`."""
     if not batch.jpegs:
         return batch
-    decoded = _decode_on_device([data for _, data in batch.jpegs], device)
+    decoded = _decode_on_device([data for _, data in batch.jpegs], device, threads)
     size = batch.image_size
     if batch.images.shape[-2:] == (size, size):  # some rows were decoded on the CPU (PNGs, rotated photos, ...)
         images = batch.images.to(device, non_blocking=True).clone()
@@ -134,8 +173,10 @@ class DeviceDecodingLoader:
     step runs on the default stream (nvjpeg's host-side work then overlaps the step's kernels). Length, and
     therefore progress bars and schedules, are the wrapped loader's."""
 
-    def __init__(self, loader: Iterable[Batch], device: torch.device, prefetch: bool = True):
+    def __init__(self, loader: Iterable[Batch], device: torch.device, prefetch: bool = True,
+                 threads: int = DECODE_THREADS):
         self.loader, self.device, self.prefetch = loader, device, prefetch and device.type == "cuda"
+        self.threads = threads
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -146,15 +187,15 @@ class DeviceDecodingLoader:
     def __iter__(self) -> Iterator[Batch]:
         if not self.prefetch:
             for batch in self.loader:
-                yield decode_batch_on_device(batch, self.device)
+                yield decode_batch_on_device(batch, self.device, self.threads)
             return
-        yield from _prefetched(self.loader, self.device)
+        yield from _prefetched(self.loader, self.device, self.threads)
 
 
 _DONE = object()
 
 
-def _prefetched(loader: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+def _prefetched(loader: Iterable[Batch], device: torch.device, threads: int) -> Iterator[Batch]:
     """Decode batch k+1 on a side stream while batch k trains; a batch is handed over only after its decode
     stream's work is done (event), and its tensors are marked as used by the consuming stream."""
     ready: queue.Queue = queue.Queue(maxsize=2)
@@ -167,7 +208,7 @@ def _prefetched(loader: Iterable[Batch], device: torch.device) -> Iterator[Batch
                 for batch in loader:
                     if stop.is_set():
                         return
-                    decoded = decode_batch_on_device(batch, device)
+                    decoded = decode_batch_on_device(batch, device, threads)
                     event = torch.cuda.Event()
                     event.record(stream)
                     ready.put((decoded, event))
