@@ -1,7 +1,7 @@
 """Ablation runner: train a base config and named variants on Flickr8k, K at a time, and score each on dev.
 
     python scripts/ablation.py --dataset-root /data/flickr8k --out runs/ablation --parallel 8
-    python scripts/ablation.py --dataset-root /data/flickr8k --out /tmp/smoke --only seed_baseline recipe \\
+    python scripts/ablation.py --dataset-root /data/flickr8k --out /tmp/smoke --only sb sb_lr5e-4 \\
         --epochs 1 --device cpu -- --image-size 64 --val-limit 200
 
 A variant is a list of `captioner train` flags applied on top of the base config (`--base`); a `--config FILE`
@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the captioner package of this checkout, installed or not
 
 from captioner.config import TrainConfig  # noqa: E402
-DEFAULT_BASE = REPO / "configs" / "flickr8k_scratch.json"
+DEFAULT_BASE = REPO / "configs" / "flickr8k_seed_baseline.json"
 DEFAULT_VARIANTS = REPO / "configs" / "flickr8k_ablation.json"
 KILL_GRACE_SECONDS = 60  # after SIGTERM, time to finish the batch and write last.pt
 TAIL_CHARS = 2000

@@ -1,5 +1,7 @@
 """The benchmarks run end to end and report every figure they promise (tiny sizes; no timing asserted)."""
 
+import pytest
+
 from captioner.benchmarks.decode import run_decode_benchmark
 
 
@@ -11,3 +13,21 @@ def test_decode_benchmark_reports_every_setting_and_the_baseline():
     assert result["from_memory"]["beam3"]["mean_tokens"] <= 3
     assert result["naive_per_image"]["beam3"]["images"] == 1
     assert result["speedup_beam3_vs_naive"] > 0 and result["images"] == 4
+
+
+def test_train_benchmark_times_every_setting_on_the_same_number_of_images():
+    from captioner.benchmarks.train import TrainBenchmarkOptions, run_train_benchmark
+
+    opts = TrainBenchmarkOptions(device="cpu", images=12, batch_size=4, batches=2, finetune_batches=1, image_size=32,
+                                 workers=0, captions_per_image=2)
+    result = run_train_benchmark(opts)
+    settings = ("baseline", "frozen_from_jpeg", "finetune_from_jpeg", "cached_features")
+    for name in settings:
+        expected = 4 * (1 if name == "finetune_from_jpeg" else 2)
+        assert result[name]["images"] == expected and result[name]["captions_per_s"] > 0, name
+        assert result[name]["captions_per_s"] == pytest.approx(2 * result[name]["images_per_s"], rel=0.01)
+    assert result["extract"]["images"] == 12  # every generated image, once
+    for name in settings[1:]:
+        ratio = result[name]["images_per_s"] / result["baseline"]["images_per_s"]
+        assert result[f"{name}_vs_baseline"] == pytest.approx(ratio, abs=0.01)
+    assert "frozen_gpu_decode" not in result  # CUDA-only settings are not faked on a CPU

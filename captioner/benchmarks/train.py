@@ -66,7 +66,7 @@ class TrainBenchmarkOptions:
     workers: int = 2  # DataLoader workers of the fast settings
     captions_per_image: int = 5
     coco_epoch: bool = False
-    decode_threads: tuple[int, ...] = (4,)  # CUDA: nvjpeg threads of the threaded prefetch settings
+    decode_threads: tuple[int, ...] = ()  # CUDA: also time prefetching with these nvjpeg thread counts
     only: tuple[str, ...] = ()  # run only these settings (the baseline always runs: ratios need it)
 
 
@@ -208,7 +208,7 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
                                                warmup=warmup)
         fastest, threads = "", 1
         if cuda:
-            fastest, threads = "prefetch", max(opts.decode_threads)
+            fastest, threads = "prefetch", 1
             settings = [("frozen_gpu_decode", "inline", 1), ("frozen_gpu_decode_prefetch", "prefetch", 1)]
             settings += [(f"frozen_gpu_decode_prefetch_threads{n}", "prefetch", n) for n in opts.decode_threads]
             for name, mode, n in settings:
@@ -251,7 +251,7 @@ def _coco_epoch(model, records, tokenizer, opts: TrainBenchmarkOptions, device: 
     store = FeatureStore.open(tmp / "coco_features", {"benchmark": "coco"}, len(coco),
                               _feature_shape(model, opts.image_size, device))
     extract = _time_extraction(model, _loader(coco, tokenizer, opts, device, opts.workers, "prefetch", repeat=False,
-                                              threads=max(opts.decode_threads)), store, device)
+                                              threads=1), store, device)
     optimizer, scheduler = _optimizer(model)
     loader = _loader(coco, tokenizer, opts, device, opts.workers, store=store, repeat=False)
     _sync(device)
@@ -280,7 +280,8 @@ def add_arguments(p) -> None:
                    help="captions trained per image per step (training's default is 2)")
     p.add_argument("--coco-epoch", action="store_true",
                    help="CUDA: also extract and train one whole COCO-sized epoch (113,287 records) from the cache")
-    p.add_argument("--decode-threads", default="4", help="CUDA: comma-separated nvjpeg thread counts to time")
+    p.add_argument("--decode-threads", default="", help="CUDA: also time prefetching with these comma-separated "
+                   "nvjpeg thread counts (e.g. 4,8)")
     p.add_argument("--only", nargs="+", default=(), metavar="SETTING",
                    help="run only these settings (e.g. frozen_gpu_decode_prefetch_threads4 cached_features)")
     p.add_argument("--out", help="also write the JSON here")
@@ -289,7 +290,7 @@ def add_arguments(p) -> None:
 def run_from_args(args) -> int:
     opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
                                  args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
-                                 args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",")),
+                                 args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",") if n),
                                  tuple(args.only))
     result = run_train_benchmark(opts)
     text = json.dumps(result, indent=2)

@@ -69,10 +69,12 @@ def resize_on_device(images: list[torch.Tensor], image_size: int) -> torch.Tenso
     return out
 
 
-DECODE_THREADS = 4
-"""Threads that share a batch's nvjpeg decoding. One call's host-side work (parsing, Huffman decoding) runs on
-the calling thread: on an H100 one thread decoded about 2,100 640x480 JPEGs/s, which capped training from JPEG
-files there. decode_jpeg is thread-safe on CUDA; each thread decodes a slice of the batch on its own stream."""
+DECODE_THREADS = 1
+"""Threads that share a batch's nvjpeg decoding (decode_jpeg is thread-safe on CUDA; each thread decodes a slice
+of the batch on its own stream). Measured on an H100 with torchvision 0.26 (`captioner benchmark train
+--decode-threads 4,8`), more threads were slower: frozen-trunk training from 640x480 JPEGs ran at 3,148
+images/s with one thread, 2,341 with four and 2,158 with eight. Kept as an option to measure on other
+machines and versions."""
 
 _pools: dict[int, ThreadPoolExecutor] = {}
 _local = threading.local()
