@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .config import RunConfig
+from .atomic import write_atomically
 from .errors import CaptionerError, CheckpointError, CheckpointWriteError
 from .models.captioner import Captioner
 from .text import Tokenizer
@@ -62,37 +63,12 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     buffer = io.BytesIO()
     torch.save({"format_version": FORMAT_VERSION, **payload}, buffer)
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        _fsync_folder(path.parent)
+        write_atomically(path, lambda handle: handle.write(buffer.getbuffer()), durable=True)
     except OSError as exc:
         raise CheckpointWriteError(f"cannot write checkpoint {path}: {exc.strerror or exc} (the previous "
                                    f"{path.name}, if any, is intact)") from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened (Windows)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def check_writable_folder(folder: str | Path) -> Path:

@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .atomic import write_atomically
 from .data.images import load_image
 from .errors import CaptionerError, ImageReadError, PackWriteError
 
@@ -251,38 +251,14 @@ def _copy_file(src: Path, dst: Path) -> None:
 
 
 def _write_atomically(path: Path, write) -> None:
-    """Call write(handle) on a temporary file next to `path`, then rename it over `path`.
-
-    An interrupted process leaves the previous file or the new one, never a torn one. Files are not fsynced
-    one by one (a cost a copy that can be made again need not pay): after a power cut, a file may be left
-    empty, and the next run writes it again. Raises PackWriteError naming the file when it cannot be written
-    (full disk, no permission), since every later write would fail the same way.
-    """
-    tmp = None
+    """Replace `path` atomically (see atomic.py). Files are not fsynced one by one (a cost a copy that can be made
+    again need not pay): after a power cut, a file may be left empty, and the next run writes it again. Raises
+    PackWriteError naming the file when it cannot be written (full disk, no permission), since every later
+    write would fail the same way."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, _FILE_MODE)  # mkstemp makes it private (0600); a packed copy is as readable as a copy
-        os.replace(tmp, path)
-        tmp = None
+        write_atomically(path, write, temp_suffix=TEMP_SUFFIX)
     except OSError as exc:
         raise PackWriteError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-
-
-def _file_mode() -> int:
-    """What open() gives a new file under this process's umask (read by setting it and putting it back,
-    once, at import)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-_FILE_MODE = _file_mode()
 
 
 def _prepare_folder(folder: Path) -> None:
