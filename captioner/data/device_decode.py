@@ -15,6 +15,7 @@ counted in `batch.skipped`, exactly as an unreadable file is in the CPU path.
 
 from __future__ import annotations
 
+import io
 import logging
 import queue
 import threading
@@ -42,14 +43,14 @@ def encoded_jpeg(path: str | Path) -> torch.Tensor | None:
     """The file's bytes as a uint8 (N,) tensor when it is a JPEG that nvjpeg decodes to the same picture the
     CPU path would give; None otherwise (the caller decodes it on the CPU). Reads the header, not the pixels."""
     try:
-        with warnings.catch_warnings(), Image.open(path) as img:  # lazy: parses the header only
+        data = Path(path).read_bytes()  # read once: the header is parsed from memory
+        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as img:  # lazy: parses the header only
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported by the CPU path
             orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
             if img.format != "JPEG" or img.mode not in ("RGB", "L") or orientation != 1:
                 return None
             if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
                 return None  # the CPU path reports it as a decompression bomb
-        data = Path(path).read_bytes()
     except Exception:  # unreadable: the CPU path raises the ImageReadError that names the problem
         return None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
