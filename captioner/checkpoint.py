@@ -127,7 +127,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ca
     """Checkpoint -> (model in eval mode on `device`, tokenizer, run config). Everything comes from the file."""
     payload = load_checkpoint(path)
     try:
-        cfg = RunConfig.from_dict(payload["config"], source=f"checkpoint {path}")
+        cfg = RunConfig.from_saved(payload["config"], source=f"checkpoint {path}")
         tokenizer = tokenizer_from_payload(payload)
         model = Captioner(cfg.model, load_encoder_weights=False)
         model.load_state_dict(clean_state_dict(payload["model"]))

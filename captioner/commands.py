@@ -117,7 +117,8 @@ def caption(args) -> int:
                                                 for h in per_image]}
             if figures is not None:  # the best caption's attention, drawn over the image as the user gave it
                 figure = visualize.figure_path(figures, path, used_names)
-                figure.write_bytes(visualize.attention_png(load_image(path), tokenizer, per_image[0]))
+                figure.write_bytes(visualize.attention_png(load_image(path), tokenizer, per_image[0],
+                                                           model.encoder.cell_offset))
                 entry["attention"] = str(figure)
             if args.json:
                 print(json.dumps(entry), flush=True)

@@ -13,9 +13,14 @@ from .errors import CaptionerError
 @dataclass
 class ModelConfig:
     encoder_weights: str = "none"  # imagenet | none | PATH
-    trainable_layers: int = 2  # ResNet stages trained, from the output end: 5 all, 1 layer4 only, 0 frozen
+    trunk_stages: int = 3  # ResNet18 stages kept from the input end: 3 up to layer2 (stride 8), 5 whole (stride 32)
+    trainable_layers: int = 0  # kept stages trained, from the output end: 0 frozen; with 5 kept, 5 all, 1 layer4 only
+    grid_convs: int = 2  # trained 3x3 convolutions over the trunk's grid, before the bridge
+    grid_width: int = 128  # their channels
+    grid_pool: int = 2  # max pool after them: 2 halves the grid's height and width (a quarter of the tokens)
     bridge: str = "attention"  # attention | pool | conv
     bridge_layers: int = 1
+    grid_summary: bool = True  # add the projected per-channel maximum of the grid to every memory token
     decoder: str = "transformer"  # transformer | lstm (soft attention)
     decoder_layers: int = 2  # transformer only
     attention_reg: float = 1.0  # lstm only: weight of the doubly stochastic attention regulariser (0 = off)
@@ -23,8 +28,16 @@ class ModelConfig:
     heads: int = 4
     dropout: float = 0.1
     max_len: int = 40  # tokens, bos included
-    bow_weight: float = 0.2  # weight of the auxiliary bag-of-words loss (0 = no head)
+    bow_weight: float = 1.0  # weight of the auxiliary bag-of-words loss (0 = no head)
+    bow_input: str = "grid"  # what the bag-of-words head reads: grid (max over cells) | memory (mean token)
     vocab_size: int = 0  # set from the trained tokenizer
+
+
+# What a saved config without these keys built: the whole trunk, no grid convolutions, the bag-of-words head on
+# the mean memory token, no grid summary in the memory.
+MODEL_KEYS_BEFORE_THEY_EXISTED: dict[str, Any] = {"trunk_stages": 5, "grid_convs": 0, "grid_width": 256,
+                                                  "grid_pool": 1, "bow_input": "memory",
+                                                  "grid_summary": False}
 
 
 @dataclass
@@ -99,6 +112,15 @@ class RunConfig:
                 raise CaptionerError(f"{source}: unknown key(s) {sorted(unknown)} in section {name!r}")
             built[name] = sections[name](**value)
         return cls(**built)
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any], source: str) -> "RunConfig":
+        """A config a run wrote (checkpoint, RUN/config.json): as from_dict, except that model keys added since
+        that run take the values that reproduce the model it built, not today's defaults."""
+        model = d.get("model")
+        if isinstance(model, dict):
+            d = {**d, "model": {**MODEL_KEYS_BEFORE_THEY_EXISTED, **model}}
+        return cls.from_dict(d, source=source)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")

@@ -221,7 +221,7 @@ def encode_batch(model, batch: Batch, device: torch.device, feature_store=None) 
     prefix = encode_prefix(model, batch, images, feature_store)
     if prefix is None:
         return model.encode(images)
-    return model.bridge(model.encoder.forward_suffix(prefix))
+    return model.memory(model.encoder.forward_suffix(prefix))
 
 
 @torch.inference_mode()

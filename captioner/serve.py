@@ -92,7 +92,8 @@ class CaptionService:
             best = hypotheses[0]
             words = visualize.hypothesis_attention(self.tokenizer, best)
             with self.drawing:
-                png = visualize.figure_png(visualize.attention_figure(image, result["captions"][0]["caption"], words))
+                png = visualize.figure_png(visualize.attention_figure(image, result["captions"][0]["caption"], words,
+                                                                      self.model.encoder.cell_offset))
             result["attention"] = {"layer": self.attention_layer, "words": words.words,
                                    "grid": list(words.maps.shape[1:]), "maps": words.maps.astype(float).round(4).tolist(),
                                    "figure": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}

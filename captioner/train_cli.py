@@ -27,9 +27,14 @@ TRAIN_FLAGS = {
     "--val-limit": ("data", "val_limit", int),
     "--strict": ("data", "strict", "bool"),
     "--encoder-weights": ("model", "encoder_weights", str),
+    "--trunk-stages": ("model", "trunk_stages", int),
     "--trainable-layers": ("model", "trainable_layers", int),
+    "--grid-convs": ("model", "grid_convs", int),
+    "--grid-width": ("model", "grid_width", int),
+    "--grid-pool": ("model", "grid_pool", int),
     "--bridge": ("model", "bridge", str),
     "--bridge-layers": ("model", "bridge_layers", int),
+    "--grid-summary": ("model", "grid_summary", "bool"),
     "--decoder": ("model", "decoder", str),
     "--decoder-layers": ("model", "decoder_layers", int),
     "--attention-reg": ("model", "attention_reg", float),
@@ -38,6 +43,7 @@ TRAIN_FLAGS = {
     "--dropout": ("model", "dropout", float),
     "--max-len": ("model", "max_len", int),
     "--bow-weight": ("model", "bow_weight", float),
+    "--bow-input": ("model", "bow_input", str),
     "--out": ("train", "out", str),
     "--tensorboard": ("train", "tensorboard", "bool"),
     "--epochs": ("train", "epochs", int),
@@ -65,7 +71,7 @@ TRAIN_FLAGS = {
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
-           "--decoder": ("transformer", "lstm"), "--on-nonfinite": ("stop", "skip")}
+           "--decoder": ("transformer", "lstm"), "--bow-input": ("grid", "memory"), "--on-nonfinite": ("stop", "skip")}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

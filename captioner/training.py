@@ -298,7 +298,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         progress = False
     payload = load_checkpoint(resume) if resume else None
     if payload is not None:
-        saved = RunConfig.from_dict(payload["config"], source=f"checkpoint {resume}")
+        saved = RunConfig.from_saved(payload["config"], source=f"checkpoint {resume}")
         # What a resume may change: how long, where to write, which device, how often to checkpoint.
         for key in ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes"):
             setattr(saved.train, key, getattr(cfg.train, key))
@@ -326,7 +326,10 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     log.info("train %d images, val %d images, vocabulary %d, device %s%s", len(train_records), len(val_records),
              tokenizer.vocab_size, device, f", {dist.world_size} processes" if dist.enabled else "")
 
-    model = Captioner(cfg.model, load_encoder_weights=payload is None).to(device)
+    try:
+        model = Captioner(cfg.model, load_encoder_weights=payload is None).to(device)
+    except ValueError as exc:  # inconsistent model settings, e.g. --trainable-layers beyond --trunk-stages
+        raise CaptionerError(f"model settings: {exc}") from None
     model = model.to(memory_format=torch.channels_last)
     train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device, dist=dist)
     val_loader = make_loader(val_records, cfg, None, train=False, device=device, dist=dist)
@@ -341,7 +344,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         optimizer, warmup_cosine(t.epochs * updates_per_epoch, max(1, int(t.warmup_epochs * updates_per_epoch))))
     checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
-    if payload is None and cfg.model.encoder_weights == "none" and cfg.model.trainable_layers < 5:
+    if payload is None and cfg.model.encoder_weights == "none" and model.encoder.has_frozen_prefix:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
     if t.ema_decay < 0 or t.ema_decay >= 1:
         raise CaptionerError(f"--ema-decay must be 0 (off) or in (0, 1), got {t.ema_decay}")
@@ -431,7 +434,7 @@ def feature_cache_folder(cfg: RunConfig, out: Path) -> Path | None:
     """Where frozen-prefix features are cached, or None when they cannot be (nothing frozen, or augmented
     images, whose features differ every epoch) or the user turned the cache off."""
     setting = cfg.data.feature_cache
-    if setting == "off" or cfg.model.trainable_layers >= 5 or cfg.data.augment:
+    if setting == "off" or cfg.model.trainable_layers >= cfg.model.trunk_stages or cfg.data.augment:
         return None
     return out / "feature_cache" if setting == "auto" else Path(setting)
 
@@ -444,6 +447,7 @@ def open_feature_store(cfg: RunConfig, model, records, folder: Path, device: tor
     with torch.no_grad():
         probe = model.encoder.forward_prefix(torch.zeros(1, 3, size, size, device=device))  # (1, C, h, w)
     key = {"prefix": tensors_digest(model.encoder.prefix.state_dict()), "trainable_layers": cfg.model.trainable_layers,
+           "trunk_stages": cfg.model.trunk_stages,
            "image_size": size, "records": records_digest(records)}
     return FeatureStore.open(folder, key, len(records), probe.shape[1:], create=create)
 

@@ -183,3 +183,17 @@ def test_caption_attention_layer_out_of_range_is_a_usage_error(trained_run, synt
                  "--attention-layer", "5", "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "--attention-layer 5" in err and "Traceback" not in err
+
+
+def test_pooled_grid_cells_are_drawn_a_quarter_cell_on():
+    """The default grid: layer2 cells (stride 8) centred at 8j, max-pooled 2x2, so pooled cell i is centred at
+    16i + 4, a quarter cell past 16i. The encoder says so, and upsample puts the peak there."""
+    from captioner.models.encoder import ResNet18Trunk
+
+    trunk = ResNet18Trunk("none", trainable_layers=0, stages=3, grid_convs=1, grid_width=8, grid_pool=2)
+    assert trunk.stride == 16 and trunk.cell_offset == 0.25
+    assert ResNet18Trunk("none", trainable_layers=0).cell_offset == 0.0
+    grid = np.zeros((8, 8), dtype=np.float32)
+    grid[2, 5] = 1.0
+    row, col = np.unravel_index(visualize.upsample(grid, 128, 128, trunk.cell_offset).argmax(), (128, 128))
+    assert abs(row - 36) <= 1 and abs(col - 84) <= 1

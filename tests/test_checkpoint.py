@@ -152,3 +152,25 @@ def test_stale_temporaries_are_removed(tmp_path):
     removed = remove_stale_temporaries(tmp_path)
     assert [p.name for p in removed] == [".last.pt.abc123.tmp"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt", "notes.tmp"]
+
+
+def test_checkpoint_from_before_the_cut_trunk_still_loads(tmp_path):
+    """A checkpoint whose config predates trunk_stages & co. built the whole trunk with no grid convolutions, no
+    grid summary and the bag-of-words head on the mean memory token: that model, not today's defaults, loads."""
+    from captioner.config import MODEL_KEYS_BEFORE_THEY_EXISTED
+
+    tokenizer = Tokenizer.train(["a red circle on the left", "two blue squares at the top"] * 5)
+    old_model = tiny_model_config(vocab_size=tokenizer.vocab_size, bow_weight=0.2, trainable_layers=2,
+                                  **MODEL_KEYS_BEFORE_THEY_EXISTED)
+    cfg = RunConfig(model=old_model).to_dict()
+    for key in MODEL_KEYS_BEFORE_THEY_EXISTED:
+        del cfg["model"][key]
+    torch.manual_seed(0)
+    model = Captioner(old_model).eval()
+    save_checkpoint(tmp_path / "old.pt", {"model": model.state_dict(), "config": cfg,
+                                          "tokenizer": tokenizer_payload(tokenizer)})
+    loaded, _, loaded_cfg = load_model(tmp_path / "old.pt")
+    assert loaded_cfg.model.trunk_stages == 5 and loaded_cfg.model.grid_convs == 0
+    images = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.encode(images), model.encode(images))

@@ -16,11 +16,13 @@ from conftest import TINY
 
 def train_args(dataset, out: Path, batch_size: int) -> list[str]:
     d = dataset
-    # A frozen trunk and no dropout: nothing then depends on how a global batch is split between processes
-    # (BatchNorm in trained stages would see per-process batches; dropout draws per-process random numbers).
+    # A frozen trunk without grid convolutions and no dropout: nothing then depends on how a global batch is split
+    # between processes (BatchNorm in trained stages or grid convolutions sees per-process batches; dropout draws
+    # per-process random numbers).
     return ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
             str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
             "--out", str(out), "--epochs", "2", *TINY, "--batch-size", str(batch_size), "--trainable-layers", "0",
+            "--grid-convs", "0",
             "--dropout", "0", "--lr", "3e-3", "--ema-decay", "0.9"]
 
 

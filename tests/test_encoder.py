@@ -44,3 +44,42 @@ def test_frozen_prefix_statistics_never_move_outside_calibration():
     trunk.train()
     trunk(torch.randn(2, 3, 64, 64))
     assert all(torch.equal(before[k], v) for k, v in trunk.prefix.state_dict().items())
+
+
+@pytest.mark.parametrize("stages,grid_convs,pool,channels,cells", [
+    (5, 0, 1, 512, 2),  # whole trunk: stride 32
+    (3, 0, 1, 128, 8),  # cut after layer2: stride 8
+    (3, 2, 1, 96, 8),  # grid convolutions keep the resolution
+    (3, 2, 2, 96, 4),  # ... and the max pool after them halves it
+    (4, 1, 2, 96, 2),
+])
+def test_cut_trunk_gives_the_grid_its_stages_promise(stages, grid_convs, pool, channels, cells):
+    trunk = ResNet18Trunk("none", trainable_layers=0, stages=stages, grid_convs=grid_convs, grid_width=96,
+                          grid_pool=pool)
+    grid = trunk(torch.randn(2, 3, 64, 64))
+    assert grid.shape == (2, channels, cells, cells)
+    assert trunk.out_channels == channels and trunk.stride == 64 // cells
+    grid_params = list(trunk.grid_convs.parameters())
+    assert (len(grid_params) > 0) == (grid_convs > 0) and all(p.requires_grad for p in grid_params)
+    assert not any(p.requires_grad for p in trunk.prefix.parameters())
+
+
+def test_inconsistent_trunk_settings_are_refused_with_the_flag_to_change():
+    with pytest.raises(ValueError, match="--trunk-stages"):
+        ResNet18Trunk("none", trainable_layers=5, stages=3)
+    with pytest.raises(ValueError, match="--trunk-stages"):
+        ResNet18Trunk("none", stages=6)
+    with pytest.raises(ValueError, match="--grid-pool"):
+        ResNet18Trunk("none", stages=3, trainable_layers=0, grid_convs=1, grid_pool=0)
+
+
+def test_train_names_inconsistent_trunk_settings(synthetic_dataset, tmp_path, capsys):
+    from captioner.cli import main
+    from conftest import TINY
+
+    d = synthetic_dataset
+    code = main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions),
+                 "--train-images", str(d.train_images), "--val-captions", str(d.val_captions),
+                 "--val-images", str(d.val_images), "--out", str(tmp_path / "run"), "--epochs", "1", *TINY,
+                 "--trunk-stages", "3", "--trainable-layers", "5"])
+    assert code != 0 and "--trunk-stages 3 keeps 3 stages" in capsys.readouterr().err

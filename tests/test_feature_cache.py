@@ -91,7 +91,7 @@ def test_second_epoch_decodes_no_image_and_changes_invalidate(synthetic_dataset,
 
 
 def test_cache_off_with_augmentation_or_a_fully_trained_trunk(synthetic_dataset, tmp_path, decodes):
-    for name, extra in (("aug", {"augment": True}), ("full", {"trainable_layers": 5}), ("off", {})):
+    for name, extra in (("aug", {"augment": True}), ("full", {"trunk_stages": 5, "trainable_layers": 5}), ("off", {})):
         cache = "off" if name == "off" else tmp_path / "cache"
         cfg = config(synthetic_dataset, tmp_path / name, cache, epochs=1, **extra)
         training.fit(cfg, progress=False)

@@ -35,10 +35,12 @@ def test_several_captions_share_one_image_pass(bridge, decoder):
 
 @pytest.mark.parametrize("decoder", DECODERS)
 @pytest.mark.parametrize("bridge", BRIDGES)
-@pytest.mark.parametrize("trainable_layers,bow_weight", [(5, 0.0), (1, 0.0), (2, 0.5)])
-def test_gradients_reach_every_trainable_parameter(bridge, trainable_layers, bow_weight, decoder):
-    model = tiny_model(bridge=bridge, trainable_layers=trainable_layers, bow_weight=bow_weight,
-                       decoder=decoder).train()
+@pytest.mark.parametrize("trunk_stages,trainable_layers,grid_convs,bow_weight",
+                         [(5, 5, 0, 0.0), (5, 1, 0, 0.0), (5, 2, 0, 0.5), (3, 0, 2, 0.5), (3, 1, 1, 0.0)])
+def test_gradients_reach_every_trainable_parameter(bridge, trunk_stages, trainable_layers, grid_convs, bow_weight,
+                                                   decoder):
+    model = tiny_model(bridge=bridge, trunk_stages=trunk_stages, trainable_layers=trainable_layers,
+                       grid_convs=grid_convs, bow_weight=bow_weight, decoder=decoder).train()
     images = torch.randn(2, 3, 64, 64)
     tokens = torch.randint(4, 40, (2, 6))
     logits, bow_logits, _ = model.forward_train(images, tokens)
@@ -52,7 +54,7 @@ def test_gradients_reach_every_trainable_parameter(bridge, trainable_layers, bow
     assert not no_grad, f"no gradient for {no_grad}"
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
     assert all(n.startswith("encoder.prefix") for n in frozen)
-    assert (len(frozen) > 0) == (trainable_layers < 5)
+    assert (len(frozen) > 0) == (trainable_layers < trunk_stages)
 
 
 def test_frozen_prefix_keeps_its_batchnorm_statistics_in_train_mode():
@@ -97,3 +99,26 @@ def test_doubly_stochastic_penalty_hand_computed():
     # attention spread so each token gets exactly one unit costs nothing
     even = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     assert doubly_stochastic_penalty(even, torch.ones(1, 2, dtype=torch.bool)).item() == 0.0
+
+
+def test_grid_summary_reaches_every_memory_token():
+    """With the summary on, what the whole grid detected changes every token; without it, a token sees only its
+    cell (the conv bridge has no attention to spread it)."""
+    images = torch.randn(1, 3, 64, 64)
+    for summary in (True, False):
+        model = tiny_model(bridge="conv", grid_summary=summary, dropout=0.0)
+        grid = model.encoder(images)
+        changed = grid.clone()
+        changed[..., 0, 0] += 5.0  # one cell responds more strongly
+        far_token = -1  # the opposite corner
+        moved = (model.memory(changed)[0, far_token] - model.memory(grid)[0, far_token]).abs().max()
+        assert (moved > 1e-4) == summary
+
+
+def test_bag_of_words_head_reads_the_grid_or_the_memory():
+    for source, width in (("grid", 48), ("memory", 32)):
+        model = tiny_model(bow_input=source, bow_weight=0.5, trunk_stages=3, trainable_layers=0, grid_convs=1,
+                           grid_width=48)
+        assert model.bow_head.in_features == width
+        out = model.forward_train(torch.randn(2, 3, 64, 64), torch.randint(4, 40, (2, 5)))
+        assert out.bow_logits.shape == (2, 40)

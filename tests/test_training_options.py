@@ -18,7 +18,9 @@ def _setup(synthetic_dataset, images: int):
     tokenizer = Tokenizer.train(c for r in records for c in r.captions)
     dataset = CaptionDataset(records, 64, cache_images=True)
     collate = CaptionCollate(tokenizer, 24, 0)  # every caption: no random choice
-    model = tiny_model(vocab_size=tokenizer.vocab_size, trainable_layers=0)
+    # No trained BatchNorm (frozen trunk, no grid convolutions): each forward pass moves running statistics, so
+    # two micro-batches would update them twice where one batch updates them once, whatever the gradients do.
+    model = tiny_model(vocab_size=tokenizer.vocab_size, trainable_layers=0, grid_convs=0)
     return model, dataset, collate
 
 

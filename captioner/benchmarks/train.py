@@ -133,8 +133,12 @@ def _loader(records, tokenizer, opts: TrainBenchmarkOptions, device: torch.devic
 
 
 def _model(vocab_size: int, trainable_layers: int, device: torch.device) -> Captioner:
+    """The whole ResNet18 trunk (stride 32, no grid convolutions or summary), the model the seed-style baseline
+    and the README's figures use, whatever the training defaults are."""
     torch.manual_seed(0)
-    model = Captioner(ModelConfig(vocab_size=vocab_size, trainable_layers=trainable_layers), load_encoder_weights=False)
+    cfg = ModelConfig(vocab_size=vocab_size, trunk_stages=5, trainable_layers=trainable_layers, grid_convs=0,
+                      grid_summary=False, bow_input="memory")
+    model = Captioner(cfg, load_encoder_weights=False)
     return model.to(device).to(memory_format=torch.channels_last)
 
 
