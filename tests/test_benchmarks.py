@@ -25,7 +25,10 @@ def test_train_benchmark_times_every_setting_on_the_same_number_of_images():
     for name in settings:
         expected = 4 * (1 if name == "finetune_from_jpeg" else 2)
         assert result[name]["images"] == expected and result[name]["captions_per_s"] > 0, name
-        assert result[name]["captions_per_s"] == pytest.approx(2 * result[name]["images_per_s"], rel=0.01)
+        # from the counts and the time, not from images_per_s: both rates are rounded to 0.1, which at a few
+        # images/s on a busy machine is more than 1% of either
+        captions_per_s = 2 * result[name]["images"] / result[name]["seconds"]
+        assert result[name]["captions_per_s"] == pytest.approx(captions_per_s, rel=0.01, abs=0.05)
     assert result["extract"]["images"] == 12  # every generated image, once
     for name in settings[1:]:
         ratio = result[name]["images_per_s"] / result["baseline"]["images_per_s"]
