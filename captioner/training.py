@@ -158,7 +158,9 @@ class _Checkpointer:
 
     - best.pt before last.pt: if a run dies between them, the resume redoes the epoch from the previous last.pt
       and writes the same best.pt again (the reverse order could leave best.pt one epoch behind for good);
-    - log.jsonl is rewritten (atomically) from the epoch records stored in last.pt, so it always matches it.
+    - log.jsonl is rewritten (atomically) from the epoch records stored in last.pt, so it always matches it:
+      after every epoch, and on every resume (a kill between the final last.pt and its log.jsonl leaves the resumed
+      run no epoch to train).
     """
 
     def __init__(self, out: Path, cfg: RunConfig, tokenizer: Tokenizer, steps_per_epoch: int, is_main: bool = True):
@@ -353,6 +355,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     if payload is not None:
         start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
                                                       out, ema)
+        if dist.is_main:  # a kill between last.pt and log.jsonl at the final epoch leaves no epoch to rewrite it
+            write_log(out / "log.jsonl", history)
 
     stores = attach_feature_stores(cfg, model, {"train": train_loader, "val": val_loader}, out, device, dist)
     if extract_only:

@@ -143,3 +143,21 @@ def test_sigkill_at_random_points_then_resume_gives_identical_weights(synthetic_
     for key in ("train_loss", "val_Bleu_4", "steps", "images"):
         assert [r[key] for r in log] == [r[key] for r in reference_log], key
     assert not list(out.glob(".*.tmp")), "stale temporary files should be cleaned up by the resumed run"
+
+
+def test_resume_after_a_kill_between_the_final_checkpoint_and_its_log_restores_the_log(synthetic_dataset, tmp_path):
+    """last.pt of the final epoch written, log.jsonl not yet: the resumed run has no epoch left to train, and
+    still leaves a log that matches last.pt."""
+    from captioner.cli import main
+    from conftest import TINY
+
+    d = synthetic_dataset
+    args = ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+            str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+            "--out", str(tmp_path / "run"), "--epochs", "1", *TINY]
+    assert main(args) == 0
+    log_path = tmp_path / "run" / "log.jsonl"
+    full = log_path.read_text()
+    log_path.write_text("")  # what the kill left: the epoch's record is in last.pt only
+    assert main(args + ["--resume", str(tmp_path / "run" / "last.pt")]) == 0
+    assert log_path.read_text() == full
