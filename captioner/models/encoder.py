@@ -15,9 +15,6 @@ from torchvision.models import ResNet18_Weights, resnet18
 
 from ..errors import WeightsUnavailableError
 
-TRUNK_CHANNELS = 512  # output channels of the whole trunk (layer4)
-
-
 def _imagenet_weights_file() -> Path:
     """Where torchvision's download cache keeps the ImageNet ResNet18 file (what an offline user must place)."""
     url = ResNet18_Weights.IMAGENET1K_V1.url
@@ -95,9 +92,9 @@ class ResNet18Trunk(nn.Module):
     512 channels), 3 ends after layer2 (stride 8, 128 channels). `trainable_layers` (0..stages, torchvision's
     convention) counts trainable stages from the output end of what is kept: with all five, 5 fine-tunes
     everything, 1 trains only layer4, 0 freezes the whole trunk. `grid_convs` trained 3x3 convolutions of width
-    `grid_width` and a `grid_pool` max pool follow the last kept stage (see grid_convolutions). The frozen prefix stays in eval mode (fixed
-    BatchNorm statistics) and runs without gradients, so its output is a pure function of the image: that is what
-    lets the training loop cache it and skip the prefix after the first epoch.
+    `grid_width` and a `grid_pool` max pool follow the last kept stage (see grid_convolutions). The frozen prefix
+    stays in eval mode (fixed BatchNorm statistics) and runs without gradients, so its output is a pure function of
+    the image: that is what lets the training loop cache it and skip the prefix after the first epoch.
     """
 
     def __init__(self, weights: str = "none", trainable_layers: int = 5, stages: int = 5, grid_convs: int = 0,
@@ -128,7 +125,6 @@ class ResNet18Trunk(nn.Module):
         self.prefix.requires_grad_(False)
         self.prefix.eval()  # from the start: a forward before .train()/.eval() must not move its BatchNorm statistics
         self.trainable_layers = trainable_layers
-        self.stages = stages
 
     @property
     def has_frozen_prefix(self) -> bool:
