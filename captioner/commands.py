@@ -108,6 +108,7 @@ def caption(args) -> int:
     if args.attention:
         options = replace(options, attention_layer=visualize.check_attention_layer(model, args.attention_layer))
         figures = Path(args.attention)
+        placement = visualize.cell_placement(model.encoder, cfg.data.image_size)
         figures.mkdir(parents=True, exist_ok=True)
     records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
@@ -117,8 +118,7 @@ def caption(args) -> int:
                                                 for h in per_image]}
             if figures is not None:  # the best caption's attention, drawn over the image as the user gave it
                 figure = visualize.figure_path(figures, path, used_names)
-                figure.write_bytes(visualize.attention_png(load_image(path), tokenizer, per_image[0],
-                                                           model.encoder.cell_offset))
+                figure.write_bytes(visualize.attention_png(load_image(path), tokenizer, per_image[0], placement))
                 entry["attention"] = str(figure)
             if args.json:
                 print(json.dumps(entry), flush=True)

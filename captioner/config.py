@@ -17,7 +17,7 @@ class ModelConfig:
     trainable_layers: int = 0  # kept stages trained, from the output end: 0 frozen; with 5 kept, 5 all, 1 layer4 only
     grid_convs: int = 2  # trained 3x3 convolutions over the trunk's grid, before the bridge
     grid_width: int = 128  # their channels
-    grid_pool: int = 2  # max pool after them: 2 halves the grid's height and width (a quarter of the tokens)
+    grid_pool: int = 3  # max pool after them (ceil mode): 3 makes a 20x20 grid 7x7 (an eighth of the tokens)
     bridge: str = "attention"  # attention | pool | conv
     bridge_layers: int = 1
     grid_summary: bool = True  # add the projected per-channel maximum of the grid to every memory token
@@ -49,7 +49,7 @@ class DataConfig:
     val_images: str = ""
     root: str = ""
     karpathy_json: str = ""
-    image_size: int = 128
+    image_size: int = 160
     augment: bool = False
     augment_scale_min: float = 0.85  # with augment: smallest share of the image's area a random crop keeps
     color_jitter: float = 0.1  # with augment: brightness, contrast and saturation factors in [1 - s, 1 + s]

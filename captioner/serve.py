@@ -71,6 +71,7 @@ class CaptionService:
         self.checkpoint = checkpoint
         self.lock = threading.Lock()
         self.drawing = threading.Lock()
+        self.placement = visualize.cell_placement(model.encoder, image_size)
 
     def describe(self) -> dict:
         cfg = self.model.cfg
@@ -93,7 +94,7 @@ class CaptionService:
             words = visualize.hypothesis_attention(self.tokenizer, best)
             with self.drawing:
                 png = visualize.figure_png(visualize.attention_figure(image, result["captions"][0]["caption"], words,
-                                                                      self.model.encoder.cell_offset))
+                                                                      self.placement))
             result["attention"] = {"layer": self.attention_layer, "words": words.words,
                                    "grid": list(words.maps.shape[1:]), "maps": words.maps.astype(float).round(4).tolist(),
                                    "figure": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}

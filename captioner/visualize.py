@@ -38,6 +38,24 @@ class WordAttention:
     maps: np.ndarray  # (W, h, w) float32; each map sums to 1 over the grid
 
 
+@dataclass(frozen=True)
+class CellPlacement:
+    """Where the encoder's grid cells sit on the image it was given, along each side: cell i is centred at
+    (i + offset) * pitch of the side's length. pitch None: the cells tile the side exactly (pitch 1 / cells).
+
+    The pitch is the encoder's stride over the image size, which is not always 1 / cells: a 160px image gives
+    layer2 a 20-cell side, and a 3x3 max pool (ceil mode) makes that 7 cells of 24 pixels, which reach past the
+    image's 160 (1 / 7 would squeeze them in and draw the last cell 7 pixels short)."""
+
+    offset: float = 0.0
+    pitch: float | None = None
+
+
+def cell_placement(encoder, image_size: int) -> CellPlacement:
+    """The placement of `encoder`'s cells (ResNet18Trunk: `cell_offset`, `stride` in pixels) at `image_size`."""
+    return CellPlacement(encoder.cell_offset, encoder.stride / image_size)
+
+
 def attention_layer_count(model) -> int:
     """How many layers can show their attention: every Transformer decoder layer, or the LSTM's one."""
     return model.cfg.decoder_layers if model.cfg.decoder == "transformer" else 1
@@ -87,23 +105,26 @@ def hypothesis_attention(tokenizer: Tokenizer, hypothesis: Hypothesis) -> WordAt
     return word_attention(tokenizer.pieces(hypothesis.tokens), hypothesis.attention)
 
 
-def upsample(grid: np.ndarray, width: int, height: int, cell_offset: float = 0.0) -> np.ndarray:
+def upsample(grid: np.ndarray, width: int, height: int, placement: CellPlacement = CellPlacement()) -> np.ndarray:
     """(h, w) map -> (height, width), bilinear between the points of the image the cells are centred on.
 
     A ResNet's padded, strided convolutions centre output cell i on input pixel 32 * i, the top-left corner
     of its 32-pixel block, not the block's middle (conv1 and every stride-2 stage map i to 2i). So cell
     (r, c) of an h x w grid sits at (r / h, c / w) of the image, and a plain image resize, which centres it
     at ((r + 0.5) / h, (c + 0.5) / w), would draw every map half a cell too far right and down. A max pool
-    after the grid convolutions moves the centres by `cell_offset` cells (ResNet18Trunk.cell_offset: a 2x2
-    pool merges two cells a half of the pooled cell apart, so its centre is a quarter cell on). Beyond the
-    last centre the map keeps the last cell's value."""
-    rows = _interpolation(grid.shape[0], height, cell_offset)
-    return rows @ grid.astype(np.float32) @ _interpolation(grid.shape[1], width, cell_offset).T
+    after the grid convolutions moves the centres by `placement.offset` cells (ResNet18Trunk.cell_offset: a
+    2x2 pool merges two cells a half of the pooled cell apart, so its centre is a quarter cell on), and the
+    cells are `placement.pitch` of the image apart (see CellPlacement). Beyond the last centre the map keeps
+    the last cell's value."""
+    rows = _interpolation(grid.shape[0], height, placement)
+    return rows @ grid.astype(np.float32) @ _interpolation(grid.shape[1], width, placement).T
 
 
-def _interpolation(cells: int, pixels: int, cell_offset: float = 0.0) -> np.ndarray:
-    """(pixels, cells) linear interpolation weights for cells centred at (i + cell_offset) / cells of the length."""
-    position = np.clip((np.arange(pixels) + 0.5) * cells / pixels - cell_offset, 0, cells - 1)  # in cells
+def _interpolation(cells: int, pixels: int, placement: CellPlacement) -> np.ndarray:
+    """(pixels, cells) linear interpolation weights for cells centred at (i + offset) * pitch of the length."""
+    pitch = placement.pitch or 1.0 / cells
+    fraction = (np.arange(pixels) + 0.5) / pixels  # of the length, at each pixel's centre
+    position = np.clip(fraction / pitch - placement.offset, 0, cells - 1)  # in cells
     low = np.floor(position).astype(int)
     high = np.minimum(low + 1, cells - 1)
     weights = np.zeros((pixels, cells), dtype=np.float32)
@@ -128,10 +149,11 @@ def _display_image(image: Image.Image) -> Image.Image:
                         Image.Resampling.BILINEAR)
 
 
-def attention_figure(image: Image.Image, caption: str, attention: WordAttention, cell_offset: float = 0.0):
+def attention_figure(image: Image.Image, caption: str, attention: WordAttention,
+                     placement: CellPlacement = CellPlacement()):
     """A matplotlib Figure: the image with its caption, then a panel per word with the image lit by the
     word's attention map. Each panel is lit relative to its own peak, and the title gives the peak cell's
-    share of the attention, so a flat map can be told apart from a focused one. `cell_offset`: see upsample."""
+    share of the attention, so a flat map can be told apart from a focused one. `placement`: see upsample."""
     from matplotlib.figure import Figure
 
     shown = _display_image(image.convert("RGB"))
@@ -150,7 +172,7 @@ def attention_figure(image: Image.Image, caption: str, attention: WordAttention,
     axes[0].imshow(pixels)
     axes[0].set_title("image", fontsize=9)
     for ax, word, grid in zip(axes[1:], attention.words, attention.maps):
-        ax.imshow(highlight(pixels, upsample(grid, shown.width, shown.height, cell_offset)))
+        ax.imshow(highlight(pixels, upsample(grid, shown.width, shown.height, placement)))
         ax.set_title(f"{word}  ({float(grid.max()):.0%})", fontsize=9)
     for ax in axes:
         ax.axis("off")
@@ -168,10 +190,11 @@ def figure_png(fig, dpi: int = 80) -> bytes:
     return buffer.getvalue()
 
 
-def attention_png(image: Image.Image, tokenizer: Tokenizer, hypothesis: Hypothesis, cell_offset: float = 0.0) -> bytes:
+def attention_png(image: Image.Image, tokenizer: Tokenizer, hypothesis: Hypothesis,
+                  placement: CellPlacement = CellPlacement()) -> bytes:
     """The attention figure of a decoded hypothesis as PNG bytes."""
     caption = tokenizer.decode(hypothesis.tokens)
-    return figure_png(attention_figure(image, caption, hypothesis_attention(tokenizer, hypothesis), cell_offset))
+    return figure_png(attention_figure(image, caption, hypothesis_attention(tokenizer, hypothesis), placement))
 
 
 def figure_path(out_dir: Path, image_path: str | Path, used: set[str]) -> Path:

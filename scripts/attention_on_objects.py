@@ -33,19 +33,21 @@ SHAPE_WORDS = set(SHAPES) | set(SHAPES.values())
 OBJECT_DISTANCE = 90  # summed |RGB difference| from the background beyond which a pixel is object
 
 
-def object_cells(image: Image.Image, grid: tuple[int, int], cell_offset: float = 0.0) -> np.ndarray:
+def object_cells(image: Image.Image, grid: tuple[int, int],
+                 placement: visualize.CellPlacement = visualize.CellPlacement()) -> np.ndarray:
     """(h, w) boolean: cells of the encoder grid that hold part of an object. Cell (r, c) is centred at
-    ((r + cell_offset) / h, (c + cell_offset) / w) of the image, as visualize.upsample explains, and reaches half
-    a cell either side."""
+    ((r + offset) * pitch, (c + offset) * pitch) of the image, as visualize.CellPlacement explains, and reaches
+    half a pitch either side."""
     pixels = np.asarray(image).astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     is_object = np.abs(pixels - np.median(border, axis=0)).sum(axis=-1) > OBJECT_DISTANCE
     height, width = is_object.shape
-    cell_h, cell_w = height / grid[0], width / grid[1]
+    cell_h = height * (placement.pitch or 1.0 / grid[0])
+    cell_w = width * (placement.pitch or 1.0 / grid[1])
     cells = np.zeros(grid, dtype=bool)
     for r in range(grid[0]):
         for c in range(grid[1]):
-            r0, c0 = r + cell_offset, c + cell_offset
+            r0, c0 = r + placement.offset, c + placement.offset
             top, bottom = round(max(0.0, (r0 - 0.5) * cell_h)), round(min(height, (r0 + 0.5) * cell_h))
             left, right = round(max(0.0, (c0 - 0.5) * cell_w)), round(min(width, (c0 + 0.5) * cell_w))
             cells[r, c] = is_object[top:bottom, left:right].mean() > 0.02
@@ -72,7 +74,7 @@ def main() -> None:
         image = load_image(path)
         best = decode_images(model, resize_to_tensor(image, cfg.data.image_size)[None], device, options)[0][0]
         words = visualize.hypothesis_attention(tokenizer, best)
-        cells = object_cells(image, words.maps.shape[1:], model.encoder.cell_offset)
+        cells = object_cells(image, words.maps.shape[1:], visualize.cell_placement(model.encoder, cfg.data.image_size))
         for word, grid in zip(words.words, words.maps):
             on_object[word_kind(word)].append(float(grid[cells].sum()))
             share[word_kind(word)].append(float(cells.mean()))

@@ -195,5 +195,25 @@ def test_pooled_grid_cells_are_drawn_a_quarter_cell_on():
     assert ResNet18Trunk("none", trainable_layers=0).cell_offset == 0.0
     grid = np.zeros((8, 8), dtype=np.float32)
     grid[2, 5] = 1.0
-    row, col = np.unravel_index(visualize.upsample(grid, 128, 128, trunk.cell_offset).argmax(), (128, 128))
+    placement = visualize.cell_placement(trunk, 128)
+    assert placement == visualize.CellPlacement(0.25, 16 / 128)
+    row, col = np.unravel_index(visualize.upsample(grid, 128, 128, placement).argmax(), (128, 128))
     assert abs(row - 36) <= 1 and abs(col - 84) <= 1
+
+
+def test_cells_that_reach_past_the_image_are_drawn_at_the_trunks_pitch():
+    """160px through layer2 is a 20-cell side; a 3x3 max pool in ceil mode makes 7 cells of 24 pixels (168 in
+    all, past the image's 160). Pooled cell 5 merges layer2 cells 15..17 (centred at 120, 128, 136), so it is
+    centred at pixel 128, which is 24 * (5 + 1/3), not 160 / 7 * (5 + 1/3) = 122."""
+    import torch
+
+    from captioner.models.encoder import ResNet18Trunk
+
+    trunk = ResNet18Trunk("none", trainable_layers=0, stages=3, grid_convs=1, grid_width=8, grid_pool=3)
+    with torch.no_grad():
+        assert trunk(torch.zeros(1, 3, 160, 160)).shape[-2:] == (7, 7)
+    grid = np.zeros((7, 7), dtype=np.float32)
+    grid[5, 5] = 1.0
+    heat = visualize.upsample(grid, 160, 160, visualize.cell_placement(trunk, 160))
+    row, col = np.unravel_index(heat.argmax(), heat.shape)
+    assert abs(row - 128) <= 1 and abs(col - 128) <= 1

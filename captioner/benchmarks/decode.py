@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelConfig
+from ..config import DataConfig, ModelConfig
 from ..data.coco import load_coco
 from ..data.factory import evaluation_loader
 from ..data.images import list_images
@@ -122,7 +122,7 @@ def run_decode_benchmark(checkpoint: str | None = None, device: str = "auto", nu
         model, tokenizer, cfg = load_model(checkpoint, torch_device)
         image_size, source = cfg.data.image_size, str(checkpoint)
     else:
-        model, image_size, source = _random_model(vocab_size, torch_device), 128, "random default-size model"
+        model, image_size, source = _random_model(vocab_size, torch_device), DataConfig().image_size, "random default-size model"
         tokenizer = _PlaceholderTokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         records = _image_records(image_folder, num_images, Path(tmp))
