@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from .config import DataConfig
 from .errors import CaptionerError
 
 
@@ -94,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "names; caption and split files copied as they are)")
     p.add_argument("source", metavar="SRC", help="dataset folder (e.g. the Flickr8k root, or a COCO folder)")
     p.add_argument("destination", metavar="DST", help="folder for the copy (created; not SRC or inside it)")
-    p.add_argument("--size", type=int, default=128, help="shorter side of the packed images in pixels; smaller "
-                   "images are kept at their size (default: %(default)s, the default --image-size of train)")
+    p.add_argument("--size", type=int, default=DataConfig().image_size, help="shorter side of the packed images in "
+                   "pixels; smaller images are kept at their size (default: %(default)s, the default --image-size "
+                   "of train)")
     p.add_argument("--quality", type=int, default=85, help="JPEG/WebP quality (default: %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: os.cpu_count())")
 

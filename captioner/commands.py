@@ -108,7 +108,7 @@ def caption(args) -> int:
     if args.attention:
         options = replace(options, attention_layer=visualize.check_attention_layer(model, args.attention_layer))
         figures = Path(args.attention)
-        placement = visualize.cell_placement(model.encoder, cfg.data.image_size)
+        placement = visualize.cell_placement(model, cfg.data.image_size)
         figures.mkdir(parents=True, exist_ok=True)
     records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)

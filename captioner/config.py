@@ -17,7 +17,7 @@ class ModelConfig:
     trainable_layers: int = 0  # kept stages trained, from the output end: 0 frozen; with 5 kept, 5 all, 1 layer4 only
     grid_convs: int = 2  # trained 3x3 convolutions over the trunk's grid, before the bridge
     grid_width: int = 128  # their channels
-    grid_pool: int = 3  # max pool after them (ceil mode): 3 makes a 20x20 grid 7x7 (an eighth of the tokens)
+    grid_pool: int = 3  # max pool after them (ceil mode): 3 makes a 20x20 grid 7x7 (about an eighth of the tokens)
     bridge: str = "attention"  # attention | pool | conv
     bridge_layers: int = 1
     grid_summary: bool = True  # add the projected per-channel maximum of the grid to every memory token

@@ -2,7 +2,7 @@
 cannot take the originals.
 
 Why: a GPU machine that receives the working tree takes at most 64 MiB, and a slow disk pays for every byte
-an epoch reads. Training resizes every image to --image-size (128 by default) anyway, so pixels beyond that
+an epoch reads. Training resizes every image to --image-size (160 by default) anyway, so pixels beyond that
 are only carried to be thrown away. Flickr8k at 128 px and JPEG quality 85 is 22% of its size.
 
 The copy is a mirror: same relative paths and file names, caption and split files copied byte for byte, so

@@ -71,7 +71,7 @@ class CaptionService:
         self.checkpoint = checkpoint
         self.lock = threading.Lock()
         self.drawing = threading.Lock()
-        self.placement = visualize.cell_placement(model.encoder, image_size)
+        self.placement = visualize.cell_placement(model, image_size)
 
     def describe(self) -> dict:
         cfg = self.model.cfg
@@ -96,7 +96,8 @@ class CaptionService:
                 png = visualize.figure_png(visualize.attention_figure(image, result["captions"][0]["caption"], words,
                                                                       self.placement))
             result["attention"] = {"layer": self.attention_layer, "words": words.words,
-                                   "grid": list(words.maps.shape[1:]), "maps": words.maps.astype(float).round(4).tolist(),
+                                   "grid": list(words.maps.shape[1:]), "centres": [round(c, 4) for c in self.placement.centres],
+                                   "maps": words.maps.astype(float).round(4).tolist(),
                                    "figure": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
         return result
 

@@ -6,8 +6,8 @@ figure state, so the server can draw figures in several threads at once.
 
 Where the maps come from: the bridges hand the decoder one memory token per cell of the trunk's grid, in
 row-major order, and images are resized to a square before encoding, so N attention weights reshape to a
-square (h, w) grid that covers the whole image (stretched back to the image's own aspect ratio here). Where on
-the image each cell sits is what the trunk's geometry says (see `upsample`).
+square (h, w) grid over the image (stretched back to the image's own aspect ratio here). Where on the image
+each cell sits is what the model's geometry says (see `CellPlacement` and `upsample`).
 """
 
 from __future__ import annotations
@@ -40,20 +40,28 @@ class WordAttention:
 
 @dataclass(frozen=True)
 class CellPlacement:
-    """Where the encoder's grid cells sit on the image it was given, along each side: cell i is centred at
-    (i + offset) * pitch of the side's length. pitch None: the cells tile the side exactly (pitch 1 / cells).
+    """Where the cells of the attention grid sit along each side of the (square) model input: cell i is
+    centred at centres[i] of the side's length, rows and columns alike. None: cell i at i / cells, where a
+    grid that tiles the image evenly puts it (see upsample).
 
-    The pitch is the encoder's stride over the image size, which is not always 1 / cells: a 160px image gives
-    layer2 a 20-cell side, and a 3x3 max pool (ceil mode) makes that 7 cells of 24 pixels, which reach past the
-    image's 160 (1 / 7 would squeeze them in and draw the last cell 7 pixels short)."""
+    The centres come from the model (Captioner.token_centres), because an even tiling is not always what the
+    encoder built: at 160px a 3x3 max pool in ceil mode makes layer2's 20 cells into 6 cells 24 pixels apart
+    and a 7th from the last two, so the grid spans 168 pixels of 160, and the pool bridge averages overlapping
+    windows of whatever grid it gets."""
 
-    offset: float = 0.0
-    pitch: float | None = None
+    centres: tuple[float, ...] | None = None
+
+    def along(self, cells: int) -> np.ndarray:
+        """(cells,) centres as fractions of the side, checked against the attention grid's side."""
+        centres = np.arange(cells) / cells if self.centres is None else np.asarray(self.centres, dtype=np.float64)
+        if len(centres) != cells:
+            raise ValueError(f"the placement has {len(centres)} cell centres per side, the attention grid {cells}")
+        return centres
 
 
-def cell_placement(encoder, image_size: int) -> CellPlacement:
-    """The placement of `encoder`'s cells (ResNet18Trunk: `cell_offset`, `stride` in pixels) at `image_size`."""
-    return CellPlacement(encoder.cell_offset, encoder.stride / image_size)
+def cell_placement(model, image_size: int) -> CellPlacement:
+    """The placement of `model`'s memory tokens (a Captioner) for an image_size x image_size input."""
+    return CellPlacement(tuple(c / image_size for c in model.token_centres(image_size)))
 
 
 def attention_layer_count(model) -> int:
@@ -109,22 +117,20 @@ def upsample(grid: np.ndarray, width: int, height: int, placement: CellPlacement
     """(h, w) map -> (height, width), bilinear between the points of the image the cells are centred on.
 
     A ResNet's padded, strided convolutions centre output cell i on input pixel 32 * i, the top-left corner
-    of its 32-pixel block, not the block's middle (conv1 and every stride-2 stage map i to 2i). So cell
-    (r, c) of an h x w grid sits at (r / h, c / w) of the image, and a plain image resize, which centres it
-    at ((r + 0.5) / h, (c + 0.5) / w), would draw every map half a cell too far right and down. A max pool
-    after the grid convolutions moves the centres by `placement.offset` cells (ResNet18Trunk.cell_offset: a
-    2x2 pool merges two cells a half of the pooled cell apart, so its centre is a quarter cell on), and the
-    cells are `placement.pitch` of the image apart (see CellPlacement). Beyond the last centre the map keeps
-    the last cell's value."""
+    of its 32-pixel block, not the block's middle (conv1 and every stride-2 stage map i to 2i). So on a grid
+    that tiles the image, cell (r, c) of h x w sits at (r / h, c / w) of the image (the default placement),
+    and a plain image resize, which centres it at ((r + 0.5) / h, (c + 0.5) / w), would draw every map half a
+    cell too far right and down. Pooling after the trunk moves the centres again (see CellPlacement and
+    ResNet18Trunk.cell_centres). Beyond the first and last centres the map keeps the edge cell's value."""
     rows = _interpolation(grid.shape[0], height, placement)
     return rows @ grid.astype(np.float32) @ _interpolation(grid.shape[1], width, placement).T
 
 
 def _interpolation(cells: int, pixels: int, placement: CellPlacement) -> np.ndarray:
-    """(pixels, cells) linear interpolation weights for cells centred at (i + offset) * pitch of the length."""
-    pitch = placement.pitch or 1.0 / cells
+    """(pixels, cells) linear interpolation weights between the cells' centres (fractions of the length)."""
+    centres = placement.along(cells)
     fraction = (np.arange(pixels) + 0.5) / pixels  # of the length, at each pixel's centre
-    position = np.clip(fraction / pitch - placement.offset, 0, cells - 1)  # in cells
+    position = np.interp(fraction, centres, np.arange(cells, dtype=np.float64))  # in cells, held beyond the ends
     low = np.floor(position).astype(int)
     high = np.minimum(low + 1, cells - 1)
     weights = np.zeros((pixels, cells), dtype=np.float32)

@@ -36,22 +36,29 @@ OBJECT_DISTANCE = 90  # summed |RGB difference| from the background beyond which
 def object_cells(image: Image.Image, grid: tuple[int, int],
                  placement: visualize.CellPlacement = visualize.CellPlacement()) -> np.ndarray:
     """(h, w) boolean: cells of the encoder grid that hold part of an object. Cell (r, c) is centred at
-    ((r + offset) * pitch, (c + offset) * pitch) of the image, as visualize.CellPlacement explains, and reaches
-    half a pitch either side."""
+    (centres[r], centres[c]) of the image, as visualize.CellPlacement explains, and reaches half way to its
+    neighbours' centres (as far the other way at the first and last cell)."""
     pixels = np.asarray(image).astype(np.float32)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     is_object = np.abs(pixels - np.median(border, axis=0)).sum(axis=-1) > OBJECT_DISTANCE
     height, width = is_object.shape
-    cell_h = height * (placement.pitch or 1.0 / grid[0])
-    cell_w = width * (placement.pitch or 1.0 / grid[1])
+    rows, cols = _cell_bounds(placement, grid[0], height), _cell_bounds(placement, grid[1], width)
     cells = np.zeros(grid, dtype=bool)
-    for r in range(grid[0]):
-        for c in range(grid[1]):
-            r0, c0 = r + placement.offset, c + placement.offset
-            top, bottom = round(max(0.0, (r0 - 0.5) * cell_h)), round(min(height, (r0 + 0.5) * cell_h))
-            left, right = round(max(0.0, (c0 - 0.5) * cell_w)), round(min(width, (c0 + 0.5) * cell_w))
+    for r, (top, bottom) in enumerate(rows):
+        for c, (left, right) in enumerate(cols):
             cells[r, c] = is_object[top:bottom, left:right].mean() > 0.02
     return cells
+
+
+def _cell_bounds(placement: visualize.CellPlacement, cells: int, pixels: int) -> list[tuple[int, int]]:
+    """[start, end) pixel range of each cell along a side: half way to the neighbouring centres."""
+    centres = placement.along(cells)
+    if cells == 1:
+        return [(0, pixels)]
+    edges = np.concatenate([[1.5 * centres[0] - 0.5 * centres[1]], (centres[1:] + centres[:-1]) / 2,
+                            [1.5 * centres[-1] - 0.5 * centres[-2]]])
+    edges = np.clip(np.round(edges * pixels), 0, pixels).astype(int)
+    return [(int(a), max(int(b), int(a) + 1)) for a, b in zip(edges[:-1], edges[1:])]
 
 
 def word_kind(word: str) -> str:
@@ -74,7 +81,7 @@ def main() -> None:
         image = load_image(path)
         best = decode_images(model, resize_to_tensor(image, cfg.data.image_size)[None], device, options)[0][0]
         words = visualize.hypothesis_attention(tokenizer, best)
-        cells = object_cells(image, words.maps.shape[1:], visualize.cell_placement(model.encoder, cfg.data.image_size))
+        cells = object_cells(image, words.maps.shape[1:], visualize.cell_placement(model, cfg.data.image_size))
         for word, grid in zip(words.words, words.maps):
             on_object[word_kind(word)].append(float(grid[cells].sum()))
             share[word_kind(word)].append(float(cells.mean()))

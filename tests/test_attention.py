@@ -186,34 +186,46 @@ def test_caption_attention_layer_out_of_range_is_a_usage_error(trained_run, synt
 
 
 def test_pooled_grid_cells_are_drawn_a_quarter_cell_on():
-    """The default grid: layer2 cells (stride 8) centred at 8j, max-pooled 2x2, so pooled cell i is centred at
-    16i + 4, a quarter cell past 16i. The encoder says so, and upsample puts the peak there."""
-    from captioner.models.encoder import ResNet18Trunk
-
-    trunk = ResNet18Trunk("none", trainable_layers=0, stages=3, grid_convs=1, grid_width=8, grid_pool=2)
-    assert trunk.stride == 16 and trunk.cell_offset == 0.25
-    assert ResNet18Trunk("none", trainable_layers=0).cell_offset == 0.0
+    """Layer2 cells (stride 8) are centred at 8j; max-pooled 2x2 at 128px, pooled cell i is centred at
+    16i + 4, a quarter cell past 16i. The model says so, and upsample puts the peak there."""
+    model = tiny_model(trunk_stages=3, grid_convs=1, grid_width=8, grid_pool=2)
+    assert model.token_centres(128) == [16 * i + 4 for i in range(8)]
+    assert tiny_model(trunk_stages=5, grid_convs=0).token_centres(128) == [0, 32, 64, 96]  # whole trunk
     grid = np.zeros((8, 8), dtype=np.float32)
     grid[2, 5] = 1.0
-    placement = visualize.cell_placement(trunk, 128)
-    assert placement == visualize.CellPlacement(0.25, 16 / 128)
+    placement = visualize.cell_placement(model, 128)
     row, col = np.unravel_index(visualize.upsample(grid, 128, 128, placement).argmax(), (128, 128))
     assert abs(row - 36) <= 1 and abs(col - 84) <= 1
 
 
-def test_cells_that_reach_past_the_image_are_drawn_at_the_trunks_pitch():
-    """160px through layer2 is a 20-cell side; a 3x3 max pool in ceil mode makes 7 cells of 24 pixels (168 in
-    all, past the image's 160). Pooled cell 5 merges layer2 cells 15..17 (centred at 120, 128, 136), so it is
-    centred at pixel 128, which is 24 * (5 + 1/3), not 160 / 7 * (5 + 1/3) = 122."""
-    import torch
-
-    from captioner.models.encoder import ResNet18Trunk
-
-    trunk = ResNet18Trunk("none", trainable_layers=0, stages=3, grid_convs=1, grid_width=8, grid_pool=3)
+def test_cells_that_reach_past_the_image_are_drawn_where_the_pool_centres_them():
+    """160px through layer2 is a 20-cell side; the default 3x3 max pool in ceil mode makes 6 cells of 24 pixels
+    and a 7th from the last two (centred at 144 and 152), 7 cells that span 168 pixels of 160. Pooled cell 5
+    merges layer2 cells 15..17 (at 120, 128, 136): centred at 128, not where 7 cells tiling 160 pixels put it
+    (160 / 7 * (5 + 1/3) = 122)."""
+    model = tiny_model()  # the default encoder
     with torch.no_grad():
-        assert trunk(torch.zeros(1, 3, 160, 160)).shape[-2:] == (7, 7)
-    grid = np.zeros((7, 7), dtype=np.float32)
-    grid[5, 5] = 1.0
-    heat = visualize.upsample(grid, 160, 160, visualize.cell_placement(trunk, 160))
-    row, col = np.unravel_index(heat.argmax(), heat.shape)
-    assert abs(row - 128) <= 1 and abs(col - 128) <= 1
+        assert model.encoder(torch.zeros(1, 3, 160, 160)).shape[-2:] == (7, 7)
+    assert model.token_centres(160) == [8, 32, 56, 80, 104, 128, 148]
+    for cell, pixel in [(5, 128), (6, 148)]:
+        grid = np.zeros((7, 7), dtype=np.float32)
+        grid[cell, cell] = 1.0
+        heat = visualize.upsample(grid, 160, 160, visualize.cell_placement(model, 160))
+        row, col = np.unravel_index(heat.argmax(), heat.shape)
+        assert abs(row - pixel) <= 1 and abs(col - pixel) <= 1
+
+
+def test_pool_bridge_tokens_are_drawn_at_their_pooling_windows():
+    """The pool bridge averages the 7-cell grid into 4 overlapping windows (cells 0-1, 1-3, 3-5, 5-6), so its
+    4x4 maps sit at those windows' centres, not at the encoder's first four cells."""
+    model = tiny_model(bridge="pool")
+    assert model.token_centres(160) == [20, 56, 104, 138]
+    with torch.no_grad():
+        assert model.encode(torch.zeros(1, 3, 160, 160)).shape[1] == 16
+    placement = visualize.cell_placement(model, 160)
+    grid = np.zeros((4, 4), dtype=np.float32)
+    grid[3, 3] = 1.0
+    row, col = np.unravel_index(visualize.upsample(grid, 160, 160, placement).argmax(), (160, 160))
+    assert row >= 137 and col >= 137
+    with pytest.raises(ValueError, match="4 cell centres per side, the attention grid 7"):
+        visualize.upsample(np.zeros((7, 7), dtype=np.float32), 160, 160, placement)

@@ -232,6 +232,9 @@ def test_api_refusals_have_a_status_and_a_message(small_limits_server, synthetic
     assert len(attention["words"]) == len(reply["captions"][0]["caption"].split())
     assert len(attention["maps"]) == len(attention["words"])
     assert all(abs(sum(map(sum, grid)) - 1) < 1e-2 for grid in attention["maps"])
+    centres = attention["centres"]  # where each cell of a side sits, as a fraction of it: a client can draw the maps
+    assert len(centres) == attention["grid"][0] == len(attention["maps"][0]) and centres == sorted(centres)
+    assert 0 <= centres[0] < centres[-1] < 1
 
     big = tmp_path / "big.png"
     Image.new("RGB", (321, 240), (10, 200, 30)).save(big)  # one column over the pixel limit, few bytes

@@ -57,6 +57,13 @@ class PoolBridge(nn.Module):
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.tail(self.pool(grid))  # (B, g*g, D)
 
+    def token_centres(self, cell_centres: list[float]) -> list[float]:
+        """Centres of the pooled cells along a side, from the grid's: adaptive pooling averages window i =
+        cells floor(i n / g) .. ceil((i + 1) n / g) - 1 of n, so each token sits at its window's mean."""
+        n, g = len(cell_centres), self.pool.output_size
+        windows = [cell_centres[(i * n) // g: -((-(i + 1) * n) // g)] for i in range(g)]
+        return [sum(w) / len(w) for w in windows]
+
 
 class ConvBridge(nn.Module):
     def __init__(self, in_channels: int, dim: int, dropout: float = 0.1):
@@ -66,6 +73,9 @@ class ConvBridge(nn.Module):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.tail(self.conv(grid))  # (B, h*w, D)
+
+    def token_centres(self, cell_centres: list[float]) -> list[float]:
+        return cell_centres  # one token per cell
 
 
 class AttentionBridge(nn.Module):
@@ -80,6 +90,9 @@ class AttentionBridge(nn.Module):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.norm(self.encoder(self.tail(grid)))  # (B, h*w, D)
+
+    def token_centres(self, cell_centres: list[float]) -> list[float]:
+        return cell_centres  # one token per cell
 
 
 BRIDGES = ("attention", "pool", "conv")

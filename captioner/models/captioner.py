@@ -53,6 +53,11 @@ class Captioner(nn.Module):
         bow_features = self.encoder.out_channels if cfg.bow_input == "grid" else cfg.dim
         self.bow_head = nn.Linear(bow_features, cfg.vocab_size) if cfg.bow_weight > 0 else None
 
+    def token_centres(self, image_size: int) -> list[float]:
+        """Where the memory tokens' cells are centred along each side of an image_size x image_size input, in
+        input pixels (rows and columns alike): what attention maps need to be drawn over the image."""
+        return self.bridge.token_centres(self.encoder.cell_centres(image_size))
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) normalised -> memory tokens (B, N, D)."""
         return self.memory(self.encoder(images))

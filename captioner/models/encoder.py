@@ -7,6 +7,7 @@ gives (B, 512, H/32, W/32); a trunk cut after an earlier stage gives a finer, na
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -74,7 +75,7 @@ def grid_convolutions(in_channels: int, width: int, count: int, pool: int = 1) -
     from scratch: on the synthetic scenes two of them (width 128) over layer2 told the five shapes apart 85% of
     the time after 4 epochs, where layer3 + layer4 trained from random weights reached 40%. They run at full
     resolution because a strided convolution loses the fine outline that tells a star from a diamond (73%);
-    the max pool after them keeps what was detected in each block while quartering the memory tokens that the
+    the max pool after them keeps what was detected in each block while cutting the memory tokens that the
     bridge and the decoder pay for."""
     layers: list[nn.Module] = []
     for i in range(count):
@@ -118,13 +119,24 @@ class ResNet18Trunk(nn.Module):
         last_channels = STAGE_CHANNELS[kept[-1]]
         self.grid_convs = grid_convolutions(last_channels, grid_width, grid_convs, grid_pool)  # trained
         self.out_channels = grid_width if grid_convs else last_channels
-        self.stride = STAGE_STRIDES[kept[-1]] * (grid_pool if grid_convs else 1)
-        # Where output cell i is centred, in cells past input pixel stride * i: a k x k max pool merges cells
-        # centred 0, 1/k, ..., (k-1)/k of a pooled cell apart, so its centre sits (k - 1) / 2k of a cell on.
-        self.cell_offset = (grid_pool - 1) / (2 * grid_pool) if grid_convs else 0.0
+        self.trunk_stride = STAGE_STRIDES[kept[-1]]
+        self.pool = grid_pool if grid_convs else 1
+        self.stride = self.trunk_stride * self.pool
         self.prefix.requires_grad_(False)
         self.prefix.eval()  # from the start: a forward before .train()/.eval() must not move its BatchNorm statistics
         self.trainable_layers = trainable_layers
+
+    def cell_centres(self, image_size: int) -> list[float]:
+        """Where the output grid's cells are centred along a side of an image_size input, in input pixels.
+
+        A ResNet's padded, strided convolutions centre cell j of a stride-s stage on input pixel s * j (the
+        top-left corner of its s-pixel block, not its middle), and the stage's side is ceil(image_size / s). A
+        k x k max pool in ceil mode merges cells k*i .. k*i + k - 1 (fewer at the far edge), so pooled cell i
+        sits at their mean: at 160px, layer2's 20 cells pool 3x3 into 6 cells 24 pixels apart and a 7th of two
+        cells, centred at 148, whose window reaches past the image."""
+        side = math.ceil(image_size / self.trunk_stride)
+        centres = [float(self.trunk_stride * j) for j in range(side)]
+        return [sum(centres[i:i + self.pool]) / len(centres[i:i + self.pool]) for i in range(0, side, self.pool)]
 
     @property
     def has_frozen_prefix(self) -> bool:
