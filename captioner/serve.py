@@ -96,7 +96,8 @@ class CaptionService:
                 png = visualize.figure_png(visualize.attention_figure(image, result["captions"][0]["caption"], words,
                                                                       self.placement))
             result["attention"] = {"layer": self.attention_layer, "words": words.words,
-                                   "grid": list(words.maps.shape[1:]), "centres": [round(c, 4) for c in self.placement.centres],
+                                   "grid": list(words.maps.shape[1:]),
+                                   "centres": [round(c, 4) for c in self.placement.centres],
                                    "maps": words.maps.astype(float).round(4).tolist(),
                                    "figure": "data:image/png;base64," + base64.b64encode(png).decode("ascii")}
         return result

@@ -122,7 +122,8 @@ def run_decode_benchmark(checkpoint: str | None = None, device: str = "auto", nu
         model, tokenizer, cfg = load_model(checkpoint, torch_device)
         image_size, source = cfg.data.image_size, str(checkpoint)
     else:
-        model, image_size, source = _random_model(vocab_size, torch_device), DataConfig().image_size, "random default-size model"
+        model, source = _random_model(vocab_size, torch_device), "random default-size model"
+        image_size = DataConfig().image_size
         tokenizer = _PlaceholderTokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         records = _image_records(image_folder, num_images, Path(tmp))

@@ -48,7 +48,16 @@ class _GridProjection(nn.Module):
         return self.dropout(self.norm(tokens))
 
 
-class PoolBridge(nn.Module):
+class _Bridge(nn.Module):
+    """What every bridge shares besides forward: where its tokens sit on the image. One token per grid cell
+    unless a bridge resamples the grid (PoolBridge)."""
+
+    def token_centres(self, cell_centres: list[float]) -> list[float]:
+        """Centres of the tokens' cells along a side, from the grid cells' centres (see Captioner.token_centres)."""
+        return cell_centres
+
+
+class PoolBridge(_Bridge):
     def __init__(self, in_channels: int, dim: int, dropout: float = 0.1, pool_size: int = 4):
         super().__init__()
         self.pool = nn.AdaptiveAvgPool2d(pool_size)
@@ -58,14 +67,14 @@ class PoolBridge(nn.Module):
         return self.tail(self.pool(grid))  # (B, g*g, D)
 
     def token_centres(self, cell_centres: list[float]) -> list[float]:
-        """Centres of the pooled cells along a side, from the grid's: adaptive pooling averages window i =
+        """Centres of the pooled cells along a side: adaptive pooling averages window i =
         cells floor(i n / g) .. ceil((i + 1) n / g) - 1 of n, so each token sits at its window's mean."""
         n, g = len(cell_centres), self.pool.output_size
         windows = [cell_centres[(i * n) // g: -((-(i + 1) * n) // g)] for i in range(g)]
         return [sum(w) / len(w) for w in windows]
 
 
-class ConvBridge(nn.Module):
+class ConvBridge(_Bridge):
     def __init__(self, in_channels: int, dim: int, dropout: float = 0.1):
         super().__init__()
         self.conv = nn.Sequential(nn.Conv2d(in_channels, in_channels, 1), nn.BatchNorm2d(in_channels), nn.ReLU())
@@ -74,11 +83,8 @@ class ConvBridge(nn.Module):
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.tail(self.conv(grid))  # (B, h*w, D)
 
-    def token_centres(self, cell_centres: list[float]) -> list[float]:
-        return cell_centres  # one token per cell
 
-
-class AttentionBridge(nn.Module):
+class AttentionBridge(_Bridge):
     def __init__(self, in_channels: int, dim: int, dropout: float = 0.1, num_layers: int = 1, num_heads: int = 4):
         super().__init__()
         self.tail = _GridProjection(in_channels, dim, dropout)
@@ -90,9 +96,6 @@ class AttentionBridge(nn.Module):
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
         return self.norm(self.encoder(self.tail(grid)))  # (B, h*w, D)
-
-    def token_centres(self, cell_centres: list[float]) -> list[float]:
-        return cell_centres  # one token per cell
 
 
 BRIDGES = ("attention", "pool", "conv")

@@ -136,7 +136,8 @@ class ResNet18Trunk(nn.Module):
         cells, centred at 148, whose window reaches past the image."""
         side = math.ceil(image_size / self.trunk_stride)
         centres = [float(self.trunk_stride * j) for j in range(side)]
-        return [sum(centres[i:i + self.pool]) / len(centres[i:i + self.pool]) for i in range(0, side, self.pool)]
+        windows = [centres[i:i + self.pool] for i in range(0, side, self.pool)]
+        return [sum(w) / len(w) for w in windows]
 
     @property
     def has_frozen_prefix(self) -> bool:
