@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
         "extract-features", help="cache the frozen trunk's features on disk for the run `train` would start "
         "with the same flags (train does this on its first epoch anyway)"))
 
+    add_train_arguments(sub.add_parser(
+        "pretrain-trunk", help="train the trunk alone to predict the training captions' content words and write "
+        "OUT/trunk_pretrained.pt, a ResNet18 state dict for --encoder-weights (train --trunk-pretrain-epochs N "
+        "does this first, inside the run)"))
+
     p = sub.add_parser("evaluate", help="decode a dataset split and score BLEU-1..4")
     p.add_argument("--checkpoint", required=True)
     _add_dataset_flags(p, default_split="test")

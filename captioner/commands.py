@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 
-from .checkpoint import load_model
+from .checkpoint import check_writable_folder, load_model
 from .data.factory import evaluation_loader, load_records
 from .data.images import list_images, load_image
 from .data.records import ImageRecord
@@ -45,6 +45,26 @@ def extract_features(args) -> int:
     result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress, extract_only=True)
     if result.pop("rank") == 0:
         print(json.dumps(result))
+    return 0
+
+
+def pretrain_trunk(args) -> int:
+    """Train the trunk on the captions' words alone and write OUT/trunk_pretrained.pt for --encoder-weights."""
+    from .pretrain import pretrain_trunk as run_pretraining
+    from .train_cli import config_from_args
+    from .training import PRETRAINED_TRUNK, seed_everything, split_records as run_split_records
+
+    cfg = config_from_args(args)
+    if cfg.train.trunk_pretrain_epochs < 1:
+        raise CaptionerError("pretrain-trunk: give --trunk-pretrain-epochs N (N >= 1), in flags or the config file")
+    out = check_writable_folder(cfg.train.out)
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
+    train_records, val_records = run_split_records(cfg, "train"), run_split_records(cfg, "val")
+    if cfg.data.val_limit:
+        val_records = val_records[: cfg.data.val_limit]
+    summary = run_pretraining(cfg, train_records, val_records, out / PRETRAINED_TRUNK, resolve_device(cfg.train.device),
+                              progress=not args.no_progress)
+    print(json.dumps({k: summary[k] for k in ("path", "best_epoch", "best_val_map")} | {"tags": len(summary["tags"])}))
     return 0
 
 

@@ -87,6 +87,11 @@ class TrainConfig:
     early_stop_patience: int = 0  # stop when validation BLEU-4 has not improved for this many epochs (0 = off)
     compile: bool = False  # torch.compile the training forward (trunk, bridge, decoder)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    # Before captioning, train the trunk alone to predict the captions' content words (pretrain.py; 0 = off)
+    trunk_pretrain_epochs: int = 0
+    trunk_pretrain_lr: float = 2e-3
+    trunk_pretrain_tags: int = 1000  # the most used content words of the training captions
+    trunk_pretrain_crop: float = 0.35  # smallest share of the image's area its random crops keep
 
 
 @dataclass

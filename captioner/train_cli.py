@@ -68,6 +68,10 @@ TRAIN_FLAGS = {
     "--checkpoint-minutes": ("train", "checkpoint_minutes", float),
     "--on-nonfinite": ("train", "on_nonfinite", str),
     "--compile": ("train", "compile", "bool"),
+    "--trunk-pretrain-epochs": ("train", "trunk_pretrain_epochs", int),
+    "--trunk-pretrain-lr": ("train", "trunk_pretrain_lr", float),
+    "--trunk-pretrain-tags": ("train", "trunk_pretrain_tags", int),
+    "--trunk-pretrain-crop": ("train", "trunk_pretrain_crop", float),
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),

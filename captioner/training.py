@@ -45,6 +45,7 @@ from .models.captioner import Captioner
 from .text import Tokenizer
 
 log = logging.getLogger(__name__)
+PRETRAINED_TRUNK = "trunk_pretrained.pt"  # in the run folder, with --trunk-pretrain-epochs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -323,6 +324,9 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             trained = Tokenizer.train((c for r in train_records for c in r.captions), cfg.train.vocab_size).model_bytes
         tokenizer = Tokenizer(dist.broadcast(trained))
         cfg.model.vocab_size = tokenizer.vocab_size
+    if payload is None and cfg.train.trunk_pretrain_epochs > 0:
+        cfg.model.encoder_weights = str(pretrained_trunk(cfg, train_records, val_records, out, device, progress,
+                                                         dist))
     if dist.is_main:
         cfg.save(out / "config.json")
     log.info("train %d images, val %d images, vocabulary %d, device %s%s", len(train_records), len(val_records),
@@ -426,6 +430,30 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     return {"out": str(out), "best_bleu_4": best, "best_epoch": best_epoch(history), "epochs_run": len(history),
             "stopped_early": bool(history and history[-1].get("early_stopped")), "history": history,
             "rank": dist.rank}
+
+
+def pretrained_trunk(cfg: RunConfig, train_records, val_records, out: Path, device: torch.device, progress: bool,
+                     dist: Distributed) -> Path:
+    """RUN/trunk_pretrained.pt for --trunk-pretrain-epochs (pretrain.py): trained here, or kept from an earlier
+    start of this run when it was made with the same settings from the same images and weights."""
+    from .pretrain import pretrain_trunk, pretraining_settings
+
+    if dist.enabled:
+        raise CaptionerError("--trunk-pretrain-epochs runs in one process: run `captioner pretrain-trunk` with the "
+                             "same flags first, then torchrun ... train --encoder-weights OUT/trunk_pretrained.pt")
+    path = out / PRETRAINED_TRUNK
+    settings = pretraining_settings(cfg, train_records)
+    if path.is_file():
+        try:
+            kept = torch.load(path, map_location="cpu", weights_only=True).get("settings")
+        except Exception:  # a torn or foreign file: made again below
+            kept = None
+        if kept == settings:
+            log.info("using the pre-trained trunk %s (same settings and images)", path)
+            return path
+        log.info("%s was made with other settings or images: pre-training again", path)
+    pretrain_trunk(cfg, train_records, val_records, path, device, progress)
+    return path
 
 
 def best_epoch(history: list[dict]) -> int:

@@ -22,7 +22,7 @@ def _imagenet_weights_file() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
-def _load_resnet18(weights: str) -> nn.Module:
+def load_resnet18(weights: str) -> nn.Module:
     """`weights`: 'imagenet' (torchvision's ResNet18_Weights.IMAGENET1K_V1), 'none' (random init) or a file path
     holding a ResNet18 state dict (torchvision's own file, or any with the same keys; an 'fc.' head is optional)."""
     if weights == "none":
@@ -109,7 +109,7 @@ class ResNet18Trunk(nn.Module):
         if grid_convs < 0 or (grid_convs and (grid_width < 1 or grid_pool < 1)):
             raise ValueError(f"--grid-convs must be >= 0, --grid-width and --grid-pool >= 1; got {grid_convs}, "
                              f"{grid_width}, {grid_pool}")
-        net = _load_resnet18(weights)
+        net = load_resnet18(weights)
         modules = {"conv1": nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool), "layer1": net.layer1,
                    "layer2": net.layer2, "layer3": net.layer3, "layer4": net.layer4}
         kept = STAGES[:stages]

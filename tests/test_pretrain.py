@@ -1,0 +1,128 @@
+"""Trunk pre-training on the captions' words (captioner/pretrain.py): the tag vocabulary and targets, the metric
+it selects by, that it learns, that its file loads as --encoder-weights, and how `train` runs and reuses it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner.cli import main
+from captioner.config import RunConfig
+from captioner.data.records import ImageRecord
+from captioner.models.encoder import ResNet18Trunk
+from captioner.pretrain import MIRRORED_WORDS, mean_average_precision, pretrain_trunk, tag_targets, tag_vocabulary
+
+from conftest import TINY
+
+
+def record(n: int, *captions: str) -> ImageRecord:
+    return ImageRecord(n, Path(f"/nowhere/{n}.jpg"), captions)
+
+
+def test_tag_vocabulary_keeps_content_words_used_by_enough_images_most_used_first():
+    records = [record(0, "A dog runs on the grass .", "The dog is running"),
+               record(1, "a dog and a cat", "two cats"),
+               record(2, "a cat on the left", "grass"),
+               record(3, "a red ball on the left")]
+    # per image: dog 2, cat 2, grass 2, left 2, running/runs/two/cats/red/ball 1; "a", "the", "on", "is" are stopwords
+    assert tag_vocabulary(records, 10, min_images=2) == ["cat", "dog", "grass", "left"]
+    assert tag_vocabulary(records, 2, min_images=2) == ["cat", "dog"]
+    assert tag_vocabulary(records, 10, min_images=2, exclude=MIRRORED_WORDS) == ["cat", "dog", "grass"]
+    assert tag_vocabulary(records, 10, min_images=3) == []
+
+
+def test_tag_targets_are_the_share_of_an_images_captions_using_the_word():
+    records = [record(0, "a dog runs", "the dog sits", "a cat", "grass", "a dogged man"),
+               record(1, "nothing here")]
+    targets = tag_targets(records, ["dog", "cat", "grass"])
+    assert torch.allclose(targets, torch.tensor([[0.4, 0.2, 0.2], [0.0, 0.0, 0.0]]))
+
+
+def test_mean_average_precision():
+    labels = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    perfect = torch.tensor([[0.9, 0.1, 0.5], [0.1, 0.9, 0.5], [0.8, 0.2, 0.5], [0.0, 0.0, 0.5]])
+    assert mean_average_precision(perfect, labels) == pytest.approx(1.0)  # tag 3 has no positive: left out
+    # tag 1's positives ranked 2nd and 4th: AP = (1/2 + 2/4) / 2; tag 2's only positive ranked 3rd: AP = 1/3
+    worse = torch.tensor([[0.8, 0.1, 0.0], [0.9, 0.2, 0.0], [0.1, 0.9, 0.0], [0.5, 0.8, 0.0]])
+    assert mean_average_precision(worse, labels) == pytest.approx((0.5 + 1 / 3) / 2)
+
+
+def colour_dataset(folder: Path, count: int, offset: int = 0) -> list[ImageRecord]:
+    """Solid red or blue squares, captioned by their colour: tags any trunk must learn to tell apart."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for n in range(offset, offset + count):
+        name, rgb = ("red", (200, 30, 30)) if n % 2 else ("blue", (30, 30, 200))
+        path = folder / f"{n}.png"
+        Image.new("RGB", (40, 40), rgb).save(path)
+        records.append(ImageRecord(n, path, (f"a {name} square", f"the square is {name}")))
+    return records
+
+
+def pretraining_config(out: Path, **train) -> RunConfig:
+    cfg = RunConfig()
+    cfg.data.image_size = 32
+    cfg.train.out = str(out)
+    cfg.train.batch_size = 8
+    cfg.train.device = "cpu"
+    cfg.train.trunk_pretrain_epochs = 3
+    cfg.train.trunk_pretrain_crop = 0.5
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+def test_pretraining_learns_the_tags_and_writes_a_trunk_that_encoder_weights_loads(tmp_path):
+    train = colour_dataset(tmp_path / "train", 32)
+    val = colour_dataset(tmp_path / "val", 8, offset=100)
+    torch.manual_seed(0)
+    summary = pretrain_trunk(pretraining_config(tmp_path), train, val, tmp_path / "trunk.pt", torch.device("cpu"),
+                             progress=False)
+    assert summary["tags"] == ["square", "blue", "red"]  # "square" is in every caption; blue and red in half
+    assert summary["best_val_map"] == pytest.approx(1.0)  # every red square ranked above every blue one
+    losses = [epoch["loss"] for epoch in summary["history"]]
+    assert losses[-1] < 0.8 * losses[0]
+    saved = torch.load(tmp_path / "trunk.pt", weights_only=True)
+    assert saved["best_epoch"] == summary["best_epoch"] and len(saved["history"]) == 3
+    trunk = ResNet18Trunk(str(tmp_path / "trunk.pt"), trainable_layers=5, stages=5)
+    assert torch.equal(trunk.suffix[0][0].weight, saved["state_dict"]["conv1.weight"])  # conv1 of the saved trunk
+    assert not torch.equal(trunk.suffix[0][0].weight, ResNet18Trunk("none").suffix[0][0].weight)
+
+
+def run_flags(d, out: Path) -> list[str]:
+    return ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+            str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+            "--out", str(out), "--epochs", "1", "--trunk-pretrain-epochs", "1", *TINY]
+
+
+def test_train_pretrains_first_then_reuses_the_trunk_only_while_its_settings_hold(synthetic_dataset, tmp_path,
+                                                                                   caplog):
+    out = tmp_path / "run"
+    caplog.set_level(logging.INFO, logger="captioner")
+    assert main(run_flags(synthetic_dataset, out)) == 0
+    trunk_file = out / "trunk_pretrained.pt"
+    assert "pre-training the trunk on" in caplog.text and trunk_file.is_file()
+    assert RunConfig.load(out / "config.json").model.encoder_weights == str(trunk_file)
+    # The default trunk keeps conv1..layer2 frozen, so the captioner still holds the pre-trained weights there
+    trunk = torch.load(trunk_file, weights_only=True)["state_dict"]
+    captioner = torch.load(out / "best.pt", weights_only=True)["model"]
+    assert torch.equal(captioner["encoder.prefix.0.0.weight"], trunk["conv1.weight"])
+    assert torch.equal(captioner["encoder.prefix.2.1.bn2.running_var"], trunk["layer2.1.bn2.running_var"])
+    made = trunk_file.stat().st_mtime_ns
+
+    caplog.clear()
+    assert main(run_flags(synthetic_dataset, out)) == 0  # the same run started again: the trunk is kept
+    assert "using the pre-trained trunk" in caplog.text and trunk_file.stat().st_mtime_ns == made
+
+    caplog.clear()
+    assert main([*run_flags(synthetic_dataset, out), "--trunk-pretrain-lr", "0.001"]) == 0  # other settings
+    assert "pre-training again" in caplog.text and trunk_file.stat().st_mtime_ns != made
+
+
+def test_pretrain_trunk_command_needs_epochs(tmp_path, capsys):
+    assert main(["pretrain-trunk", "--out", str(tmp_path), "--device", "cpu"]) == 2
+    assert "--trunk-pretrain-epochs" in capsys.readouterr().err
