@@ -34,3 +34,14 @@ def test_train_benchmark_times_every_setting_on_the_same_number_of_images():
         ratio = result[name]["images_per_s"] / result["baseline"]["images_per_s"]
         assert result[f"{name}_vs_baseline"] == pytest.approx(ratio, abs=0.01)
     assert "frozen_gpu_decode" not in result  # CUDA-only settings are not faked on a CPU
+
+
+def test_train_benchmark_times_the_frozen_trunk_from_packed_copies():
+    from captioner.benchmarks.train import TrainBenchmarkOptions, run_train_benchmark
+
+    opts = TrainBenchmarkOptions(device="cpu", images=12, batch_size=4, batches=2, image_size=32, workers=0,
+                                 captions_per_image=2, only=("frozen_from_packed_jpeg",), pack_size=48)
+    result = run_train_benchmark(opts)
+    assert result["pack"]["images"] == 12 and result["pack"]["megabytes_after"] < result["pack"]["megabytes_before"]
+    assert result["frozen_from_packed_jpeg"]["images"] == 8
+    assert "frozen_from_packed_jpeg_vs_baseline" in result and "frozen_from_jpeg" not in result

@@ -68,6 +68,7 @@ class TrainBenchmarkOptions:
     coco_epoch: bool = False
     decode_threads: tuple[int, ...] = ()  # CUDA: also time prefetching with these nvjpeg thread counts
     only: tuple[str, ...] = ()  # run only these settings (the baseline always runs: ratios need it)
+    pack_size: int = 0  # also time the frozen trunk from copies packed to this shorter side (0 = off)
 
 
 def _write_part(folder: str, count: int, seed: int) -> tuple[str, str]:
@@ -91,6 +92,19 @@ def coco_sized_images(folder: Path, count: int, seed: int = 0, processes: int = 
         with multiprocessing.get_context("spawn").Pool(processes) as pool:
             parts = pool.starmap(_write_part, jobs)
     return [r for captions, images in parts for r in load_coco(captions, images)]
+
+
+def packed_copies(records: list[ImageRecord], source: Path, destination: Path, size: int) -> dict:
+    """The images under `source` packed into `destination` as `captioner pack-images --size size` packs them
+    (quality 85), `records` pointed at the copies (same captions), and what the packing cost."""
+    from ..pack import pack_images
+
+    summary = pack_images(source, destination, size=size, progress=False)
+    packed = [ImageRecord(r.image_id, destination / Path(r.path).relative_to(source), r.captions) for r in records]
+    return {"records": packed, "pack": {"size": size, "images": summary.packed, "seconds": summary.seconds,
+                                        "images_per_s": round(summary.packed / max(summary.seconds, 1e-9), 1),
+                                        "megabytes_before": round(summary.bytes_before / 1e6, 1),
+                                        "megabytes_after": round(summary.bytes_after / 1e6, 1)}}
 
 
 class _Results(dict):
@@ -210,6 +224,16 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         if wanted("frozen_from_jpeg"):
             result["frozen_from_jpeg"] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
                                                warmup=warmup)
+        if opts.pack_size:
+            packed = packed_copies(records, Path(tmp) / "images", Path(tmp) / "packed", opts.pack_size)
+            result["pack"] = packed["pack"]
+            if wanted("frozen_from_packed_jpeg"):
+                result["frozen_from_packed_jpeg"] = timed(
+                    frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers), warmup=warmup)
+            if cuda and wanted("frozen_gpu_decode_prefetch_packed"):
+                result["frozen_gpu_decode_prefetch_packed"] = timed(
+                    frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers, "prefetch"),
+                    warmup=warmup)
         fastest, threads = "", 1
         if cuda:
             fastest, threads = "prefetch", 1
@@ -288,6 +312,8 @@ def add_arguments(p) -> None:
                    "nvjpeg thread counts (e.g. 4,8)")
     p.add_argument("--only", nargs="+", default=(), metavar="SETTING",
                    help="run only these settings (e.g. frozen_gpu_decode_prefetch_threads4 cached_features)")
+    p.add_argument("--pack-size", type=int, default=0, help="also pack the generated JPEGs to this shorter side "
+                   "(as captioner pack-images does) and time the frozen trunk from those copies (0 = off)")
     p.add_argument("--out", help="also write the JSON here")
 
 
@@ -295,7 +321,7 @@ def run_from_args(args) -> int:
     opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
                                  args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
                                  args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",") if n),
-                                 tuple(args.only))
+                                 tuple(args.only), args.pack_size)
     result = run_train_benchmark(opts)
     text = json.dumps(result, indent=2)
     if args.out:
