@@ -92,6 +92,7 @@ class TrainConfig:
     trunk_pretrain_lr: float = 2e-3
     trunk_pretrain_tags: int = 1000  # the most used content words of the training captions
     trunk_pretrain_crop: float = 0.35  # smallest share of the image's area its random crops keep
+    trunk_pretrain_loss: str = "sigmoid"  # sigmoid (per-tag binary cross-entropy) | softmax (one over all tags)
 
 
 @dataclass

@@ -95,6 +95,28 @@ def mean_average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
     return float(per_tag[present].mean()) if present.any() else float("nan")
 
 
+TAG_LOSSES = ("sigmoid", "softmax")
+
+
+def tag_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Tensor:
+    """logits, targets (B, K) -> scalar. "sigmoid": binary cross-entropy per tag against the soft targets, mean
+    over tags and images. "softmax": cross-entropy of one softmax over the tags against the image's targets
+    scaled to sum to 1, mean over the images that have a tag (large-scale weakly supervised pre-training on
+    hashtags found it better than per-tag sigmoids: a positive tag's gradient is not diluted by the many
+    absent ones)."""
+    logits = logits.float()
+    if kind == "sigmoid":
+        return F.binary_cross_entropy_with_logits(logits, targets)
+    if kind != "softmax":
+        raise ValueError(f"tag loss must be one of {', '.join(TAG_LOSSES)}, got {kind!r}")
+    totals = targets.sum(1)  # (B,)
+    tagged = totals > 0
+    if not tagged.any():
+        return logits.sum() * 0.0  # no tag in the batch: nothing to learn, but a graph to step through
+    distribution = targets[tagged] / totals[tagged].unsqueeze(1)
+    return -(distribution * F.log_softmax(logits[tagged], dim=1)).sum(1).mean()
+
+
 class _ImagesAndRows:
     """Collate: (uint8 images (B, 3, S, S), dataset rows (B,)), dropping unreadable images (None items)."""
 
@@ -148,7 +170,7 @@ def pretraining_settings(cfg: RunConfig, train_records: Sequence[ImageRecord]) -
     when these are equal (the images by path, size and modification time)."""
     t = cfg.train
     return {"epochs": t.trunk_pretrain_epochs, "lr": t.trunk_pretrain_lr, "tags": t.trunk_pretrain_tags,
-            "crop": t.trunk_pretrain_crop, "image_size": cfg.data.image_size, "batch_size": t.batch_size,
+            "crop": t.trunk_pretrain_crop, "loss": t.trunk_pretrain_loss, "image_size": cfg.data.image_size, "batch_size": t.batch_size,
             "weight_decay": t.weight_decay, "seed": t.seed, "start_weights": cfg.model.encoder_weights,
             "train_images": records_digest(train_records)}
 
@@ -165,6 +187,9 @@ def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_rec
     t = cfg.train
     if t.trunk_pretrain_epochs < 1:
         raise CaptionerError(f"--trunk-pretrain-epochs must be at least 1 here, got {t.trunk_pretrain_epochs}")
+    if t.trunk_pretrain_loss not in TAG_LOSSES:
+        raise CaptionerError(f"--trunk-pretrain-loss must be one of {', '.join(TAG_LOSSES)}, "
+                             f"got {t.trunk_pretrain_loss!r}")
     if not 0 < t.trunk_pretrain_crop <= 1:
         raise CaptionerError(f"--trunk-pretrain-crop must be in (0, 1], got {t.trunk_pretrain_crop}")
     tags = tag_vocabulary(train_records, t.trunk_pretrain_tags, exclude=MIRRORED_WORDS)
@@ -197,7 +222,7 @@ def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_rec
                 continue
             with autocast_for(device):
                 logits = model(prepare_images(images, device))
-            loss = F.binary_cross_entropy_with_logits(logits.float(), train_targets[rows].to(device))
+            loss = tag_loss(logits, train_targets[rows].to(device), t.trunk_pretrain_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)

@@ -72,10 +72,12 @@ TRAIN_FLAGS = {
     "--trunk-pretrain-lr": ("train", "trunk_pretrain_lr", float),
     "--trunk-pretrain-tags": ("train", "trunk_pretrain_tags", int),
     "--trunk-pretrain-crop": ("train", "trunk_pretrain_crop", float),
+    "--trunk-pretrain-loss": ("train", "trunk_pretrain_loss", str),
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
-           "--decoder": ("transformer", "lstm"), "--bow-input": ("grid", "memory"), "--on-nonfinite": ("stop", "skip")}
+           "--decoder": ("transformer", "lstm"), "--bow-input": ("grid", "memory"), "--on-nonfinite": ("stop", "skip"),
+           "--trunk-pretrain-loss": ("sigmoid", "softmax")}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -88,3 +88,26 @@ def test_dry_run_prints_the_commands_and_max_epochs_caps_only_longer_runs(tmp_pa
     assert [c[c.index("--checkpoint") + 1] for c in evaluate] == [f"OUT/{n}/best.pt" for n in ("base", "short",
                                                                                                  "flagged")]
     assert all(c[c.index("--beam-size") + 1] == "3" and c[c.index("--split") + 1] == "dev" for c in evaluate)
+
+
+def test_every_shipped_variant_is_a_valid_train_configuration():
+    """A typo in a variants file must fail here, not minutes into a lent GPU's time."""
+    import pytest
+
+    from captioner.cli import build_parser
+    from captioner.train_cli import config_from_args
+
+    files = sorted((REPO / "configs").glob("flickr8k_ablation*.json"))
+    assert len(files) >= 3
+    for variants_file in files:
+        for name, flags in json.loads(variants_file.read_text()).items():
+            config = REPO / "configs" / "flickr8k_seed_baseline.json"
+            if "--config" in flags:  # relative to the variants file, as ablation.py reads it
+                at = flags.index("--config") + 1
+                flags = [*flags[:at], str(variants_file.parent / flags[at]), *flags[at + 1:]]
+            try:
+                args = build_parser().parse_args(["train", "--config", str(config), *flags])
+            except SystemExit:
+                pytest.fail(f"{variants_file.name}: variant {name!r} has flags train does not take: {flags}")
+            cfg = config_from_args(args)
+            assert cfg.train.epochs >= 1, (variants_file.name, name)

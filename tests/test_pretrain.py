@@ -14,7 +14,8 @@ from captioner.cli import main
 from captioner.config import RunConfig
 from captioner.data.records import ImageRecord
 from captioner.models.encoder import ResNet18Trunk
-from captioner.pretrain import MIRRORED_WORDS, mean_average_precision, pretrain_trunk, tag_targets, tag_vocabulary
+from captioner.pretrain import MIRRORED_WORDS, mean_average_precision, pretrain_trunk, tag_loss, tag_targets, \
+    tag_vocabulary
 
 from conftest import TINY
 
@@ -51,6 +52,18 @@ def test_mean_average_precision():
     assert mean_average_precision(worse, labels) == pytest.approx((0.5 + 1 / 3) / 2)
 
 
+def test_softmax_tag_loss_is_the_cross_entropy_against_the_normalised_targets_of_tagged_images():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 0.5], [1.0, 3.0, 0.0]])
+    targets = torch.tensor([[0.6, 0.2, 0.0], [0.0, 0.0, 0.0], [0.0, 1.0, 1.0]])  # the second image has no tag
+    log_p = torch.log_softmax(logits, dim=1)
+    expected = (-(0.75 * log_p[0, 0] + 0.25 * log_p[0, 1]) - (0.5 * log_p[2, 1] + 0.5 * log_p[2, 2])) / 2
+    assert tag_loss(logits, targets, "softmax") == pytest.approx(expected.item())
+    assert tag_loss(logits, targets, "sigmoid") == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, targets).item())
+    with pytest.raises(ValueError, match="tag loss"):
+        tag_loss(logits, targets, "hinge")
+
+
 def colour_dataset(folder: Path, count: int, offset: int = 0) -> list[ImageRecord]:
     """Solid red or blue squares, captioned by their colour: tags any trunk must learn to tell apart."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,12 +89,13 @@ def pretraining_config(out: Path, **train) -> RunConfig:
     return cfg
 
 
-def test_pretraining_learns_the_tags_and_writes_a_trunk_that_encoder_weights_loads(tmp_path):
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_pretraining_learns_the_tags_and_writes_a_trunk_that_encoder_weights_loads(tmp_path, loss):
     train = colour_dataset(tmp_path / "train", 32)
     val = colour_dataset(tmp_path / "val", 8, offset=100)
     torch.manual_seed(0)
-    summary = pretrain_trunk(pretraining_config(tmp_path), train, val, tmp_path / "trunk.pt", torch.device("cpu"),
-                             progress=False)
+    cfg = pretraining_config(tmp_path, trunk_pretrain_loss=loss)
+    summary = pretrain_trunk(cfg, train, val, tmp_path / "trunk.pt", torch.device("cpu"), progress=False)
     assert summary["tags"] == ["square", "blue", "red"]  # "square" is in every caption; blue and red in half
     assert summary["best_val_map"] == pytest.approx(1.0)  # every red square ranked above every blue one
     losses = [epoch["loss"] for epoch in summary["history"]]
