@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -52,19 +53,21 @@ def pretrain_trunk(args) -> int:
     """Train the trunk on the captions' words alone and write OUT/trunk_pretrained.pt for --encoder-weights."""
     from .pretrain import pretrain_trunk as run_pretraining
     from .train_cli import config_from_args
-    from .training import PRETRAINED_TRUNK, seed_everything, split_records as run_split_records
+    from .training import PRETRAINED_TRUNK, seed_everything, train_and_val_records
 
+    if args.resume:
+        raise CaptionerError("pretrain-trunk cannot resume: an interrupted pre-training starts over")
     cfg = config_from_args(args)
     if cfg.train.trunk_pretrain_epochs < 1:
         raise CaptionerError("pretrain-trunk: give --trunk-pretrain-epochs N (N >= 1), in flags or the config file")
     out = check_writable_folder(cfg.train.out)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
-    train_records, val_records = run_split_records(cfg, "train"), run_split_records(cfg, "val")
-    if cfg.data.val_limit:
-        val_records = val_records[: cfg.data.val_limit]
-    summary = run_pretraining(cfg, train_records, val_records, out / PRETRAINED_TRUNK, resolve_device(cfg.train.device),
-                              progress=not args.no_progress)
-    print(json.dumps({k: summary[k] for k in ("path", "best_epoch", "best_val_map")} | {"tags": len(summary["tags"])}))
+    train_records, val_records = train_and_val_records(cfg)
+    summary = run_pretraining(cfg, train_records, val_records, (out / PRETRAINED_TRUNK).absolute(),
+                              resolve_device(cfg.train.device), progress=not args.no_progress)
+    best_map = summary["best_val_map"]
+    print(json.dumps({"path": summary["path"], "best_epoch": summary["best_epoch"],
+                      "best_val_map": None if math.isnan(best_map) else best_map, "tags": len(summary["tags"])}))
     return 0
 
 

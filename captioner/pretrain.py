@@ -14,6 +14,7 @@ vocabulary and per-epoch history beside it: any `--encoder-weights PATH` loads i
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -38,6 +39,7 @@ from .feature_cache import records_digest
 from .engine import autocast_for, prepare_images, warmup_cosine
 from .errors import CaptionerError
 from .models.encoder import load_resnet18
+from .training import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,8 @@ class TagNet(nn.Module):
 
 
 def _loader(records, cfg: RunConfig, augment: TrainAugment | None, shuffle: bool, device: torch.device) -> DataLoader:
-    dataset = CaptionDataset(records, cfg.data.image_size, augment=augment, cache_images=cfg.data.cache_images)
+    dataset = CaptionDataset(records, cfg.data.image_size, augment=augment, cache_images=cfg.data.cache_images,
+                             strict=cfg.data.strict)
     t = cfg.train
     return DataLoader(dataset, batch_size=t.batch_size, shuffle=shuffle, num_workers=t.workers,
                       collate_fn=_ImagesAndRows(), pin_memory=device.type == "cuda",
@@ -165,14 +168,23 @@ def _score(model: TagNet, loader: DataLoader, targets: torch.Tensor, device: tor
     return mean_average_precision(scores[seen], targets[seen] > 0)
 
 
-def pretraining_settings(cfg: RunConfig, train_records: Sequence[ImageRecord]) -> dict[str, Any]:
+def pretraining_settings(cfg: RunConfig, train_records: Sequence[ImageRecord],
+                         val_records: Sequence[ImageRecord]) -> dict[str, Any]:
     """Everything the pre-trained trunk depends on, stored with it: a run reuses RUN/trunk_pretrained.pt only
-    when these are equal (the images by path, size and modification time)."""
+    when these are equal (images by path, size and modification time, captions by their text, the validation
+    split too since it picks the epoch kept)."""
     t = cfg.train
+    start = cfg.model.encoder_weights
     return {"epochs": t.trunk_pretrain_epochs, "lr": t.trunk_pretrain_lr, "tags": t.trunk_pretrain_tags,
-            "crop": t.trunk_pretrain_crop, "loss": t.trunk_pretrain_loss, "image_size": cfg.data.image_size, "batch_size": t.batch_size,
-            "weight_decay": t.weight_decay, "seed": t.seed, "start_weights": cfg.model.encoder_weights,
-            "train_images": records_digest(train_records)}
+            "crop": t.trunk_pretrain_crop, "loss": t.trunk_pretrain_loss, "image_size": cfg.data.image_size,
+            "batch_size": t.batch_size, "weight_decay": t.weight_decay, "clip_grad": t.clip_grad, "seed": t.seed,
+            "start_weights": start if start in ("none", "imagenet") else records_digest([ImageRecord(0, start, ())]),
+            "train": _records_and_captions_digest(train_records), "val": _records_and_captions_digest(val_records)}
+
+
+def _records_and_captions_digest(records: Sequence[ImageRecord]) -> str:
+    captions = hashlib.sha256("\n".join("\t".join(r.captions) for r in records).encode()).hexdigest()
+    return f"{records_digest(records)}:{captions}"
 
 
 def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_records: Sequence[ImageRecord],
@@ -182,8 +194,6 @@ def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_rec
     random crops down to trunk_pretrain_crop of the area, colour jitter 0.3 and mirroring; at the end, write the
     epoch with the best validation mean average precision to `out_path` (an interrupted pre-training starts over:
     it takes seconds per epoch on a GPU). Returns the summary (also stored in the file)."""
-    from .training import make_optimizer  # training imports this module when a run pre-trains first
-
     t = cfg.train
     if t.trunk_pretrain_epochs < 1:
         raise CaptionerError(f"--trunk-pretrain-epochs must be at least 1 here, got {t.trunk_pretrain_epochs}")
@@ -212,10 +222,11 @@ def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_rec
     log.info("pre-training the trunk on %d caption words (%s, ...) for %d epochs: %d training images, %d validation",
              len(tags), ", ".join(tags[:8]), t.trunk_pretrain_epochs, len(train_records), len(val_records))
     out_path = Path(out_path)
-    settings = pretraining_settings(cfg, train_records)
+    settings = pretraining_settings(cfg, train_records, val_records)
+    max_norm = t.clip_grad if t.clip_grad > 0 else math.inf  # 0 = no clipping, as in captioning
     best, history = -math.inf, []
     for epoch in range(1, t.trunk_pretrain_epochs + 1):
-        started, total, batches = time.time(), 0.0, 0
+        started, total, batches, skipped = time.time(), 0.0, 0, 0
         model.train()
         for images, rows in _progress(train_loader, progress, f"trunk pre-training {epoch}"):
             if not len(rows):
@@ -225,10 +236,20 @@ def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_rec
             loss = tag_loss(logits, train_targets[rows].to(device), t.trunk_pretrain_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+            norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if not (torch.isfinite(loss) and torch.isfinite(norm)):  # a NaN/inf step never reaches the weights
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                continue
             optimizer.step()
             scheduler.step()
             total, batches = total + loss.item(), batches + 1
+        if skipped:
+            log.warning("trunk pre-training epoch %d: skipped %d steps with a non-finite loss or gradient", epoch,
+                        skipped)
+        if batches == 0:
+            raise CaptionerError(f"trunk pre-training epoch {epoch}: no step had a finite loss and gradient")
         val_map = _score(model, val_loader, val_targets, device)
         record = {"epoch": epoch, "loss": round(total / max(1, batches), 5), "val_map": round(val_map, 4),
                   "seconds": round(time.time() - started, 1)}

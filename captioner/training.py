@@ -14,7 +14,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ def split_records(cfg: RunConfig, split: str):
     captions, images = (d.train_captions, d.train_images) if split == "train" else (d.val_captions, d.val_images)
     return load_records(d.dataset, split, captions=captions, images=images, root=d.root,
                         karpathy_json=d.karpathy_json)
+
+
+def train_and_val_records(cfg: RunConfig):
+    """The run's training records and its validation records (the first --val-limit of them, when set)."""
+    train_records, val_records = split_records(cfg, "train"), split_records(cfg, "val")
+    return train_records, val_records[: cfg.data.val_limit] if cfg.data.val_limit else val_records
 
 
 def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: bool, device: torch.device,
@@ -313,9 +319,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     device = resolve_device(device_name)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
-    train_records, val_records = split_records(cfg, "train"), split_records(cfg, "val")
-    if cfg.data.val_limit:
-        val_records = val_records[: cfg.data.val_limit]
+    train_records, val_records = train_and_val_records(cfg)
     if payload is not None:
         tokenizer = tokenizer_from_payload(payload)
     else:  # trained once, by rank 0, and sent to the others
@@ -324,16 +328,20 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             trained = Tokenizer.train((c for r in train_records for c in r.captions), cfg.train.vocab_size).model_bytes
         tokenizer = Tokenizer(dist.broadcast(trained))
         cfg.model.vocab_size = tokenizer.vocab_size
+    # The trunk's starting weights: the config's, or with --trunk-pretrain-epochs RUN/trunk_pretrained.pt (the
+    # config keeps describing the recipe, so `train --config RUN/config.json` finds and reuses that file)
+    start_weights = cfg.model.encoder_weights
     if payload is None and cfg.train.trunk_pretrain_epochs > 0:
-        cfg.model.encoder_weights = str(pretrained_trunk(cfg, train_records, val_records, out, device, progress,
-                                                         dist))
+        start_weights = str(pretrained_trunk(cfg, train_records, val_records, out, device, progress, dist))
+        seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same start whether it was trained or reused
     if dist.is_main:
         cfg.save(out / "config.json")
     log.info("train %d images, val %d images, vocabulary %d, device %s%s", len(train_records), len(val_records),
              tokenizer.vocab_size, device, f", {dist.world_size} processes" if dist.enabled else "")
 
     try:
-        model = Captioner(cfg.model, load_encoder_weights=payload is None).to(device)
+        model = Captioner(replace(cfg.model, encoder_weights=start_weights), load_encoder_weights=payload is None)
+        model = model.to(device)
     except ValueError as exc:  # inconsistent model settings, e.g. --trainable-layers beyond --trunk-stages
         raise CaptionerError(f"model settings: {exc}") from None
     model = model.to(memory_format=torch.channels_last)
@@ -350,7 +358,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         optimizer, warmup_cosine(t.epochs * updates_per_epoch, max(1, int(t.warmup_epochs * updates_per_epoch))))
     checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
-    if payload is None and cfg.model.encoder_weights == "none" and model.encoder.has_frozen_prefix:
+    if payload is None and start_weights == "none" and model.encoder.has_frozen_prefix:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
     if t.ema_decay < 0 or t.ema_decay >= 1:
         raise CaptionerError(f"--ema-decay must be 0 (off) or in (0, 1), got {t.ema_decay}")
@@ -438,20 +446,21 @@ def pretrained_trunk(cfg: RunConfig, train_records, val_records, out: Path, devi
     start of this run when it was made with the same settings from the same images and weights."""
     from .pretrain import pretrain_trunk, pretraining_settings
 
-    if dist.enabled:
-        raise CaptionerError("--trunk-pretrain-epochs runs in one process: run `captioner pretrain-trunk` with the "
-                             "same flags first, then torchrun ... train --encoder-weights OUT/trunk_pretrained.pt")
-    path = out / PRETRAINED_TRUNK
-    settings = pretraining_settings(cfg, train_records)
+    path = (out / PRETRAINED_TRUNK).absolute()
+    settings = pretraining_settings(cfg, train_records, val_records)
     if path.is_file():
         try:
             kept = torch.load(path, map_location="cpu", weights_only=True).get("settings")
         except Exception:  # a torn or foreign file: made again below
             kept = None
         if kept == settings:
-            log.info("using the pre-trained trunk %s (same settings and images)", path)
+            log.info("using the pre-trained trunk %s (same settings, images and captions)", path)
             return path
-        log.info("%s was made with other settings or images: pre-training again", path)
+        log.info("%s was made with other settings, images or captions: pre-training again", path)
+    if dist.enabled:
+        raise CaptionerError(f"--trunk-pretrain-epochs: pre-training runs in one process, and {path} is missing or "
+                             "was made with other settings. Run `captioner pretrain-trunk` with the same flags "
+                             "(--out included) first; this run then reuses its file")
     pretrain_trunk(cfg, train_records, val_records, path, device, progress)
     return path
 

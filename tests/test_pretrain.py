@@ -13,9 +13,9 @@ from PIL import Image
 from captioner.cli import main
 from captioner.config import RunConfig
 from captioner.data.records import ImageRecord
-from captioner.models.encoder import ResNet18Trunk
-from captioner.pretrain import MIRRORED_WORDS, mean_average_precision, pretrain_trunk, tag_loss, tag_targets, \
-    tag_vocabulary
+from captioner.models.encoder import ResNet18Trunk, load_resnet18
+from captioner.pretrain import MIRRORED_WORDS, mean_average_precision, pretrain_trunk, pretraining_settings, \
+    tag_loss, tag_targets, tag_vocabulary
 
 from conftest import TINY
 
@@ -89,12 +89,11 @@ def pretraining_config(out: Path, **train) -> RunConfig:
     return cfg
 
 
-@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
-def test_pretraining_learns_the_tags_and_writes_a_trunk_that_encoder_weights_loads(tmp_path, loss):
+@pytest.mark.parametrize("loss, clip_grad", [("sigmoid", 1.0), ("softmax", 1.0), ("sigmoid", 0.0)])  # 0: no clip
+def test_pretraining_learns_the_tags_and_writes_a_trunk_that_encoder_weights_loads(tmp_path, loss, clip_grad):
     train = colour_dataset(tmp_path / "train", 32)
     val = colour_dataset(tmp_path / "val", 8, offset=100)
-    torch.manual_seed(0)
-    cfg = pretraining_config(tmp_path, trunk_pretrain_loss=loss)
+    cfg = pretraining_config(tmp_path, trunk_pretrain_loss=loss, clip_grad=clip_grad)
     summary = pretrain_trunk(cfg, train, val, tmp_path / "trunk.pt", torch.device("cpu"), progress=False)
     assert summary["tags"] == ["square", "blue", "red"]  # "square" is in every caption; blue and red in half
     assert summary["best_val_map"] == pytest.approx(1.0)  # every red square ranked above every blue one
@@ -104,7 +103,8 @@ def test_pretraining_learns_the_tags_and_writes_a_trunk_that_encoder_weights_loa
     assert saved["best_epoch"] == summary["best_epoch"] and len(saved["history"]) == 3
     trunk = ResNet18Trunk(str(tmp_path / "trunk.pt"), trainable_layers=5, stages=5)
     assert torch.equal(trunk.suffix[0][0].weight, saved["state_dict"]["conv1.weight"])  # conv1 of the saved trunk
-    assert not torch.equal(trunk.suffix[0][0].weight, ResNet18Trunk("none").suffix[0][0].weight)
+    torch.manual_seed(cfg.train.seed)  # what pre-training started from: the seeded random initialisation
+    assert not torch.equal(trunk.suffix[0][0].weight, load_resnet18("none").conv1.weight)
 
 
 def run_flags(d, out: Path) -> list[str]:
@@ -120,7 +120,8 @@ def test_train_pretrains_first_then_reuses_the_trunk_only_while_its_settings_hol
     assert main(run_flags(synthetic_dataset, out)) == 0
     trunk_file = out / "trunk_pretrained.pt"
     assert "pre-training the trunk on" in caplog.text and trunk_file.is_file()
-    assert RunConfig.load(out / "config.json").model.encoder_weights == str(trunk_file)
+    saved = RunConfig.load(out / "config.json")  # the recipe, not the file: --config RUN/config.json reuses it
+    assert saved.model.encoder_weights == "none" and saved.train.trunk_pretrain_epochs == 1
     # The default trunk keeps conv1..layer2 frozen, so the captioner still holds the pre-trained weights there
     trunk = torch.load(trunk_file, weights_only=True)["state_dict"]
     captioner = torch.load(out / "best.pt", weights_only=True)["model"]
@@ -131,10 +132,24 @@ def test_train_pretrains_first_then_reuses_the_trunk_only_while_its_settings_hol
     caplog.clear()
     assert main(run_flags(synthetic_dataset, out)) == 0  # the same run started again: the trunk is kept
     assert "using the pre-trained trunk" in caplog.text and trunk_file.stat().st_mtime_ns == made
+    again = torch.load(out / "best.pt", weights_only=True)["model"]
+    assert all(torch.equal(again[k], captioner[k]) for k in captioner)  # and the run is the same run
 
     caplog.clear()
     assert main([*run_flags(synthetic_dataset, out), "--trunk-pretrain-lr", "0.001"]) == 0  # other settings
     assert "pre-training again" in caplog.text and trunk_file.stat().st_mtime_ns != made
+
+
+def test_the_settings_a_trunk_is_reused_under_change_with_the_captions_and_the_validation_split(tmp_path):
+    images = colour_dataset(tmp_path / "images", 4)
+    cfg = pretraining_config(tmp_path)
+    settings = pretraining_settings(cfg, images[:3], images[3:])
+    assert pretraining_settings(cfg, images[:3], images[3:]) == settings
+    recaptioned = [images[0], ImageRecord(1, images[1].path, ("a green square",)), images[2]]
+    assert pretraining_settings(cfg, recaptioned, images[3:]) != settings
+    assert pretraining_settings(cfg, images[:3], images[2:]) != settings
+    cfg.train.clip_grad = 0.0
+    assert pretraining_settings(cfg, images[:3], images[3:]) != settings
 
 
 def test_pretrain_trunk_command_needs_epochs(tmp_path, capsys):

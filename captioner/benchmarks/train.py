@@ -224,7 +224,8 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         if wanted("frozen_from_jpeg"):
             result["frozen_from_jpeg"] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
                                                warmup=warmup)
-        if opts.pack_size:
+        packed_settings = ("frozen_from_packed_jpeg", "frozen_gpu_decode_prefetch_packed")
+        if opts.pack_size and any(wanted(name) for name in packed_settings):
             packed = packed_copies(records, Path(tmp) / "images", Path(tmp) / "packed", opts.pack_size)
             result["pack"] = packed["pack"]
             if wanted("frozen_from_packed_jpeg"):
