@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .atomic import write_atomically
 from .config import RunConfig
-from .data.dataset import CaptionDataset
+from .data.dataset import CaptionDataset, ignore_stop_signals
 from .data.records import ImageRecord
 from .data.transforms import TrainAugment
 from .feature_cache import records_digest
@@ -152,6 +152,7 @@ def _loader(records, cfg: RunConfig, augment: TrainAugment | None, shuffle: bool
     return DataLoader(dataset, batch_size=t.batch_size, shuffle=shuffle, num_workers=t.workers,
                       collate_fn=_ImagesAndRows(), pin_memory=device.type == "cuda",
                       persistent_workers=t.workers > 0, generator=torch.Generator().manual_seed(t.seed),
+                      worker_init_fn=ignore_stop_signals,
                       drop_last=shuffle and len(dataset) > t.batch_size)
 
 

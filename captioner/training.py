@@ -29,7 +29,7 @@ from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint
 from .config import RunConfig
 from .curves import TENSORBOARD_DIR, write_epoch_scalars
 from .data.collate import CaptionCollate
-from .data.dataset import CaptionDataset
+from .data.dataset import CaptionDataset, ignore_stop_signals
 from .data.device_decode import DeviceDecodingLoader
 from .data.factory import load_records
 from .data.sampling import EpochSampler
@@ -107,7 +107,7 @@ def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: boo
     sampler = EpochSampler(len(dataset), t.seed, shuffle=train, rank=dist.rank, world_size=dist.world_size)
     loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
-                        generator=torch.Generator().manual_seed(t.seed))
+                        generator=torch.Generator().manual_seed(t.seed), worker_init_fn=ignore_stop_signals)
     return DeviceDecodingLoader(loader, device) if encoded else loader
 
 

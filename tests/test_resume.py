@@ -161,3 +161,24 @@ def test_resume_after_a_kill_between_the_final_checkpoint_and_its_log_restores_t
     log_path.write_text("")  # what the kill left: the epoch's record is in last.pt only
     assert main(args + ["--resume", str(tmp_path / "run" / "last.pt")]) == 0
     assert log_path.read_text() == full
+
+
+def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(synthetic_dataset, tmp_path):
+    """Cluster schedulers (Slurm's time limit, scancel) and Ctrl-C signal every process of the job, DataLoader
+    workers included: the run must still finish its batch, save and exit as for a SIGTERM to the main process,
+    not die of a killed worker."""
+    out = tmp_path / "run"
+    args = train_command(synthetic_dataset, out, resume=False) + ["--workers", "2"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "captioner.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # its own process group
+    deadline = time.monotonic() + 300
+    while not (out / "last.pt").is_file():
+        assert proc.poll() is None, f"the run ended before writing a checkpoint: {proc.communicate()[1][-2000:]}"
+        assert time.monotonic() < deadline, "no checkpoint written within 300 s"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, err = finish(proc)
+    assert code == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    assert batches_done(out / "last.pt") >= 1

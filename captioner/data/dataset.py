@@ -7,6 +7,7 @@ pixels: reading, resizing, optional caching and augmentation.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +22,17 @@ from .sampling import ItemKey
 from .transforms import TrainAugment, resize_to_tensor, swap_left_right
 
 logger = logging.getLogger(__name__)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: SIGINT and SIGTERM are left to the main process.
+
+    Ctrl-C and cluster schedulers (Slurm's time limit, scancel) signal every process of the job, the loader's
+    workers included. A worker that died of it would take the run down with "DataLoader worker exited
+    unexpectedly" in the middle of a batch; ignored here, the main process finishes its batch, writes last.pt
+    and stops the workers itself (they also exit on their own once the main process is gone)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class CaptionDataset(Dataset):
