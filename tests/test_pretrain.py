@@ -3,6 +3,7 @@ it selects by, that it learns, that its file loads as --encoder-weights, and how
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -155,3 +156,20 @@ def test_the_settings_a_trunk_is_reused_under_change_with_the_captions_and_the_v
 def test_pretrain_trunk_command_needs_epochs(tmp_path, capsys):
     assert main(["pretrain-trunk", "--out", str(tmp_path), "--device", "cpu"]) == 2
     assert "--trunk-pretrain-epochs" in capsys.readouterr().err
+
+
+def test_pretrain_trunk_command_writes_a_trunk_for_encoder_weights(synthetic_dataset, tmp_path, capsys):
+    d = synthetic_dataset
+    flags = ["pretrain-trunk", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+             str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+             "--out", str(tmp_path), "--trunk-pretrain-epochs", "1", "--image-size", "32", "--batch-size", "16",
+             "--device", "cpu", "--no-progress"]
+    assert main(flags) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["path"] == str((tmp_path / "trunk_pretrained.pt").absolute()) and printed["best_epoch"] == 1
+    assert 0.0 <= printed["best_val_map"] <= 1.0 and printed["tags"] > 0
+    trunk = ResNet18Trunk(printed["path"], trainable_layers=5, stages=5)
+    saved = torch.load(printed["path"], weights_only=True)["state_dict"]
+    assert torch.equal(trunk.suffix[1][0].conv1.weight, saved["layer1.0.conv1.weight"])
+    assert main([*flags, "--resume", "x.pt"]) == 2
+    assert "cannot resume" in capsys.readouterr().err
