@@ -86,6 +86,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # exponential moving average of the weights, validated and saved in best.pt (0 = off)
     early_stop_patience: int = 0  # stop when validation BLEU-4 has not improved for this many epochs (0 = off)
     compile: bool = False  # torch.compile the training forward (trunk, bridge, decoder)
+    cpu_bf16: bool = False  # bf16 autocast for training steps on CPU too (CUDA always uses it)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
     # Before captioning, train the trunk alone to predict the captions' content words (pretrain.py; 0 = off)
     trunk_pretrain_epochs: int = 0

@@ -68,6 +68,7 @@ TRAIN_FLAGS = {
     "--checkpoint-minutes": ("train", "checkpoint_minutes", float),
     "--on-nonfinite": ("train", "on_nonfinite", str),
     "--compile": ("train", "compile", "bool"),
+    "--cpu-bf16": ("train", "cpu_bf16", "bool"),
     "--trunk-pretrain-epochs": ("train", "trunk_pretrain_epochs", int),
     "--trunk-pretrain-lr": ("train", "trunk_pretrain_lr", float),
     "--trunk-pretrain-tags": ("train", "trunk_pretrain_tags", int),

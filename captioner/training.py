@@ -397,7 +397,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
                                     t.clip_grad, progress, stores.get("train"), totals=totals, on_batch=after_batch,
                                     nonfinite=t.on_nonfinite, forward=forward, dist=dist, accumulate=t.accumulate,
-                                    ema=ema)
+                                    ema=ema, cpu_bf16=t.cpu_bf16)
             if dist.enabled:  # the whole run's figures, not rank 0's share
                 stats = _summed_over_processes(totals, dist, device).summary()
             totals = None

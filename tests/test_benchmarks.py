@@ -21,7 +21,7 @@ def test_train_benchmark_times_every_setting_on_the_same_number_of_images():
     opts = TrainBenchmarkOptions(device="cpu", images=12, batch_size=4, batches=2, finetune_batches=1, image_size=32,
                                  workers=0, captions_per_image=2)
     result = run_train_benchmark(opts)
-    settings = ("baseline", "frozen_from_jpeg", "finetune_from_jpeg", "cached_features")
+    settings = ("baseline", "frozen_from_jpeg", "finetune_from_jpeg", "cached_features", "cached_features_cpu_bf16")
     for name in settings:
         expected = 4 * (1 if name == "finetune_from_jpeg" else 2)
         assert result[name]["images"] == expected and result[name]["captions_per_s"] > 0, name

@@ -1,4 +1,5 @@
-"""Gradient accumulation (K micro-batches, one update, as if they were one K-times-larger batch) and --compile."""
+"""Gradient accumulation (K micro-batches, one update, as if they were one K-times-larger batch), --compile and
+--cpu-bf16."""
 
 from __future__ import annotations
 
@@ -97,3 +98,38 @@ def test_early_stop_after_patience_epochs_without_improvement(synthetic_dataset,
     assert [r.get("early_stopped", False) for r in log] == [False, False, True]
     last, best = load_checkpoint(out / "last.pt"), load_checkpoint(out / "best.pt")
     assert (last["epoch"], best["epoch"], last["history"]) == (3, 1, log)
+
+
+def test_cpu_bf16_runs_the_training_step_in_bf16_on_cpu(synthetic_dataset):
+    model, dataset, collate = _setup(synthetic_dataset, 4)
+    batch = collate([dataset[i] for i in range(4)])
+    seen = []
+    model.decoder.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    for cpu_bf16 in (False, True):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        stats = train_one_epoch(model, [batch], optimizer, scheduler, torch.device("cpu"), 1, progress=False,
+                                cpu_bf16=cpu_bf16)
+        assert torch.isfinite(torch.tensor(stats["train_loss"]))
+    assert seen == [torch.float32, torch.bfloat16]  # the decoder's logits: fp32 by default, bf16 with the flag
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay fp32
+
+
+def test_cpu_bf16_flag_reaches_the_training_step(synthetic_dataset, tmp_path, monkeypatch):
+    from captioner import engine
+    from captioner.cli import main
+    from conftest import TINY
+
+    asked = []
+    real = engine.autocast_for
+
+    def recording(device, cpu_bf16=False):
+        asked.append(cpu_bf16)
+        return real(device, cpu_bf16)
+
+    monkeypatch.setattr(engine, "autocast_for", recording)
+    d = synthetic_dataset
+    assert main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+                 str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+                 "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--cpu-bf16"]) == 0
+    assert asked.count(True) == 3  # every training batch (48 images, batch 16); decoding stays fp32

@@ -12,6 +12,7 @@ Every figure comes from the project's own training step (`engine.train_one_epoch
 - finetune_from_jpeg: the whole trunk trained (`--trainable-layers 5`), with the fastest loading of the device;
 - extract: filling the on-disk FeatureStore with the frozen trunk's output;
 - cached_features: training from that store, so a step is the bridge and the decoder only;
+- CPU only: cached_features_cpu_bf16, the same under bf16 autocast (`train --cpu-bf16`);
 - with `--coco-epoch` (CUDA): a COCO-sized epoch, 113,287 records over the generated files (each file stands
   for many records), extracted into a fresh store and then trained for one whole epoch from it, timed.
 
@@ -164,16 +165,16 @@ def _optimizer(model):
 
 
 def _time_training(model, loader, batches: int, device: torch.device, store: FeatureStore | None = None,
-                   autocast: bool = True, warmup: int = 1, captions_per_image: int = 5) -> dict:
+                   autocast: bool = True, warmup: int = 1, captions_per_image: int = 5, cpu_bf16: bool = False) -> dict:
     optimizer, scheduler = _optimizer(model)
     batches_in = iter(loader)
     train_one_epoch(model, islice(batches_in, warmup), optimizer, scheduler, device, 0, progress=False,
-                    feature_store=store, amp=autocast)  # kernels, allocator, workers, their queue
+                    feature_store=store, amp=autocast, cpu_bf16=cpu_bf16)  # kernels, allocator, workers, queue
     _sync(device)
     _reset_peak(device)
     started = time.perf_counter()
     stats = train_one_epoch(model, islice(batches_in, batches), optimizer, scheduler, device, 0, progress=False,
-                            feature_store=store, amp=autocast)
+                            feature_store=store, amp=autocast, cpu_bf16=cpu_bf16)
     _sync(device)
     seconds = time.perf_counter() - started
     del batches_in  # stops the workers (and a prefetch thread) now, not at the next setting
@@ -253,7 +254,7 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
 
         store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records),
                                   _feature_shape(frozen, opts.image_size, device))
-        if wanted("extract") or wanted("cached_features"):
+        if wanted("extract") or wanted("cached_features") or wanted("cached_features_cpu_bf16"):
             result["extract"] = _time_extraction(frozen, _loader(records, tokenizer, opts, device, opts.workers,
                                                                  fastest, repeat=False, threads=threads), store, device)
         # On 2 CPU cores workers would only copy memory-mapped rows between processes; a GPU machine's cores
@@ -263,6 +264,9 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
             result["cached_features"] = timed(
                 frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
                 warmup=2 * cached_workers + 1)
+        if not cuda and wanted("cached_features_cpu_bf16"):  # train --cpu-bf16
+            result["cached_features_cpu_bf16"] = timed(
+                frozen, _loader(records, tokenizer, opts, device, 0, store=store), store=store, cpu_bf16=True)
         if opts.coco_epoch:
             result["coco_epoch"] = _coco_epoch(frozen, records, tokenizer, opts, device, Path(tmp))
     baseline = result["baseline"]["images_per_s"]
