@@ -461,7 +461,7 @@ def pretrained_trunk(cfg: RunConfig, train_records, val_records, out: Path, devi
         raise CaptionerError(f"--trunk-pretrain-epochs: pre-training runs in one process, and {path} is missing or "
                              "was made with other settings. Run `captioner pretrain-trunk` with the same flags "
                              "(--out included) first; this run then reuses its file")
-    pretrain_trunk(cfg, train_records, val_records, path, device, progress)
+    pretrain_trunk(cfg, train_records, val_records, path, device, progress, settings)
     return path
 
 
