@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from .dropout import Dropout
+
 
 def sincos_2d_positions(height: int, width: int, dim: int, device=None) -> torch.Tensor:
     """Fixed 2-D sine/cosine position code (h*w, dim): half the channels encode the row, half the column.
@@ -38,7 +40,7 @@ class _GridProjection(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_channels, dim)
         self.norm = nn.LayerNorm(dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.dim = dim
 
     def forward(self, grid: torch.Tensor) -> torch.Tensor:
@@ -91,6 +93,9 @@ class AttentionBridge(_Bridge):
         layer = nn.TransformerEncoderLayer(
             dim, num_heads, dim_feedforward=4 * dim, dropout=dropout, batch_first=True, norm_first=True
         )
+        # The layer's own dropouts (not the one inside its attention) get the cheaper CPU mask; they hold no
+        # weights, so checkpoints keep their keys.
+        layer.dropout, layer.dropout1, layer.dropout2 = Dropout(dropout), Dropout(dropout), Dropout(dropout)
         self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout
 from .state import DecoderState
 
 
@@ -50,7 +51,7 @@ class LSTMDecoder(nn.Module):
         self.hidden_out, self.context_out = nn.Linear(dim, dim), nn.Linear(dim, dim)  # L_h, L_z
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # L_o tied to E
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.max_len = max_len  # no positional limit; kept so every decoder caps captions the same way
         nn.init.normal_(self.embed.weight, std=dim**-0.5)
 

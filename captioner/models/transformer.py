@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import Dropout
 from .state import DecoderState
 
 
@@ -76,8 +77,8 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.self_attn = Attention(dim, num_heads, dropout)
         self.cross_attn = Attention(dim, num_heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
-        self.drop = nn.Dropout(dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), Dropout(dropout), nn.Linear(4 * dim, dim))
+        self.drop = Dropout(dropout)
 
     def forward(self, x, self_kv, cross_kv, cross_mask, causal: bool, return_attention: bool = False):
         """-> x (B, T, D) [, cross-attention weights averaged over heads (B, T, N) if return_attention]."""
@@ -104,7 +105,7 @@ class TransformerDecoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab_size, bias=False)
         self.head.weight = self.embed.weight  # tied input/output embeddings
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.max_len = max_len
         nn.init.normal_(self.embed.weight, std=dim**-0.5)
 
