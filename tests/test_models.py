@@ -122,3 +122,54 @@ def test_bag_of_words_head_reads_the_grid_or_the_memory():
         assert model.bow_head.in_features == width
         out = model.forward_train(torch.randn(2, 3, 64, 64), torch.randint(4, 40, (2, 5)))
         assert out.bow_logits.shape == (2, 40)
+
+
+def _right_padded(captions: list[list[int]]) -> torch.Tensor:
+    """bos + caption, PAD after: the teacher-forcing input collation builds."""
+    from captioner.text import BOS_ID, PAD_ID
+
+    tokens = torch.full((len(captions), max(map(len, captions)) + 1), PAD_ID)
+    for row, ids in enumerate(captions):
+        tokens[row, : len(ids) + 1] = torch.tensor([BOS_ID] + ids)
+    return tokens
+
+
+def test_padding_changes_nothing_at_real_positions_and_costs_no_logits():
+    """Teacher forcing skips padded positions in its position-wise layers (TokenPacking): each caption's logits and
+    each weight's gradient must be what the caption alone, unpadded, gives; padded positions hold zero logits."""
+    model = tiny_model()
+    images = torch.randn(2, 3, 64, 64)
+    captions = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14], [15, 16, 17, 18]]
+    index = torch.tensor([0, 0, 1, 1])
+    tokens = _right_padded(captions)  # (4, 7)
+
+    logits = model(images, tokens, index)
+    model.zero_grad()
+    lengths = [len(c) + 1 for c in captions]
+    sum(logits[row, :n].logsumexp(-1).sum() for row, n in enumerate(lengths)).backward()
+    batched_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    for row, (ids, image) in enumerate(zip(captions, index.tolist())):
+        alone = model(images[image : image + 1], _right_padded([ids]))  # (1, n, V): no padding at all
+        torch.testing.assert_close(logits[row, : lengths[row]], alone[0], atol=1e-5, rtol=1e-5)
+        assert not logits[row, lengths[row] :].any(), "padded positions should get zero logits"
+        alone[0].logsumexp(-1).sum().backward()
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(batched_grads[name], p.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_a_pad_token_inside_a_caption_is_still_a_real_position():
+    """Only the padding after a caption's last non-PAD token is skipped: a PAD id in the middle (as a scored caption
+    may contain) is computed like any token, so the logits match the dense computation of that row alone."""
+    from captioner.text import PAD_ID
+
+    model = tiny_model()
+    images = torch.randn(1, 3, 64, 64)
+    with_inner_pad = _right_padded([[5, PAD_ID, 7]])  # (1, 4)
+    batched = model(images.expand(2, -1, -1, -1), torch.cat([_right_padded([[5, PAD_ID, 7, 8, 9]])[:, :4],
+                                                             with_inner_pad]))
+    alone = model(images, with_inner_pad)
+    torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
+    assert alone[0].abs().sum(-1).gt(0).all(), "every position up to the last real token has logits"

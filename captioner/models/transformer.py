@@ -11,17 +11,53 @@ Both can also return where the decoder looked: one layer's cross-attention weigh
 beside the fused attention kernel; without the request nothing extra is computed.
 
 Padding convention: masks are True where padded. Captions are right-padded, so the causal mask alone already
-keeps every real position from attending to padding; padded positions are ignored by the loss.
+keeps every real position from attending to padding; padded positions are ignored by the loss. Teacher forcing
+therefore runs the position-wise layers (norms, projections, MLPs, the output head) on the real positions only
+(`TokenPacking`): a batch is as long as its longest caption, and on Flickr8k's captions about half of a batch's
+positions are padding. Only attention sees the (C, T) layout.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..text import PAD_ID
 from .dropout import Dropout
 from .state import DecoderState
+
+
+class TokenPacking:
+    """The real positions of right-padded captions (C, T): position-wise layers run on those R rows only, packed
+    as (R, F), and attention unpacks them into the (C, T) layout with zeros at the padding.
+
+    Exact for right padding: under the causal mask a real position attends only to earlier positions, all real,
+    so whatever the padding holds never reaches it; logits at padded positions come back as zeros."""
+
+    def __init__(self, tokens: torch.Tensor):
+        """tokens (C, T): a caption's real positions run up to its last non-PAD token (bos included)."""
+        c, t = tokens.shape
+        positions = torch.arange(1, t + 1, device=tokens.device)  # (T,)
+        lengths = ((tokens != PAD_ID) * positions).amax(dim=1)  # (C,) 1 + index of the last non-PAD token
+        real = positions[None, :] <= lengths[:, None]  # (C, T)
+        self.shape = (c, t)
+        self.rows = real.flatten().nonzero().squeeze(1)  # (R,) row indices into the flattened (C * T)
+        self.dense = self.rows.numel() == c * t  # nothing to skip: pack and unpack are views
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(C, T, F) -> (R, F)."""
+        flat = x.flatten(0, 1)
+        return flat if self.dense else flat.index_select(0, self.rows)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        """(R, F) -> (C, T, F), zeros at the padding."""
+        c, t = self.shape
+        if self.dense:
+            return x.view(c, t, -1)
+        return x.new_zeros(c * t, x.shape[-1]).index_copy(0, self.rows, x).view(c, t, -1)
 
 
 class Attention(nn.Module):
@@ -41,23 +77,32 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
 
-    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.kv(x).chunk(2, dim=-1)
+    def keys_values(self, x: torch.Tensor, packing: TokenPacking | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, D), or (R, D) packed by `packing` -> keys, values, each (B, nh, S, hd)."""
+        kv = self.kv(x)
+        if packing is not None:
+            kv = packing.unpack(kv)  # (B, S, 2D)
+        k, v = kv.chunk(2, dim=-1)
         return self.split_heads(k), self.split_heads(v)  # each (B, nh, S, hd)
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False,
-               return_weights: bool = False):
-        """-> (B, T, D) [, attention weights averaged over heads (B, T, S), before dropout, if return_weights;
-        for cross-attention only (no causal mask is applied to the weights)].
+               return_weights: bool = False, packing: TokenPacking | None = None):
+        """x (B, T, D) -> (B, T, D); or x (R, D) packed by `packing` -> (R, D). With return_weights, also the
+        attention weights averaged over heads (B, T, S), before dropout; for cross-attention only (no causal mask
+        is applied to the weights).
 
         The fused kernel does not return its weights, so they are recomputed beside it (one more q.k product,
         for the one layer that is asked): the output itself is the fused kernel's, so watching the attention
         cannot change a caption."""
-        q = self.split_heads(self.q(x))  # (B, nh, T, hd)
+        q = self.q(x)
+        if packing is not None:
+            q = packing.unpack(q)  # (B, T, D)
+        q = self.split_heads(q)  # (B, nh, T, hd)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
         b, _, t, _ = y.shape
-        out = self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, D)
+        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, D)
+        out = self.out(y if packing is None else packing.pack(y))  # (B, T, D) or (R, D)
         if not return_weights:
             return out
         scores = (q @ k.transpose(-2, -1)).float() * self.head_dim**-0.5  # (B, nh, T, S)
@@ -80,16 +125,19 @@ class DecoderLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), Dropout(dropout), nn.Linear(4 * dim, dim))
         self.drop = Dropout(dropout)
 
-    def forward(self, x, self_kv, cross_kv, cross_mask, causal: bool, return_attention: bool = False):
-        """-> x (B, T, D) [, cross-attention weights averaged over heads (B, T, N) if return_attention]."""
+    def forward(self, x, self_kv, cross_kv, cross_mask, causal: bool, return_attention: bool = False,
+                packing: TokenPacking | None = None):
+        """x (B, T, D), or (R, D) packed by `packing` (then self_kv must take packed input too) -> x in the same
+        layout [, cross-attention weights averaged over heads (B, T, N) if return_attention]."""
         h = self.norm1(x)
         k, v = self_kv(h)
-        x = x + self.drop(self.self_attn.attend(h, k, v, causal=causal))
+        x = x + self.drop(self.self_attn.attend(h, k, v, causal=causal, packing=packing))
         h = self.norm2(x)
         if return_attention:
-            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask, return_weights=True)
+            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask, return_weights=True,
+                                                         packing=packing)
         else:
-            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask), None
+            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask, packing=packing), None
         x = x + self.drop(attended)
         x = x + self.drop(self.mlp(self.norm3(x)))
         return (x, attention) if return_attention else x
@@ -127,7 +175,8 @@ class TransformerDecoder(nn.Module):
     def forward(self, memory: torch.Tensor, tokens: torch.Tensor, memory_mask=None,
                 caption_image_index: torch.Tensor | None = None, return_attention: bool = False,
                 attention_layer: int = -1):
-        """memory (B, N, D), tokens (C, T) starting with bos -> logits (C, T, V) [, attention (C, T, N)].
+        """memory (B, N, D), tokens (C, T) starting with bos, right-padded -> logits (C, T, V) [, attention
+        (C, T, N)]. Logits at padded positions (after a caption's last non-PAD token) are zeros: see TokenPacking.
 
         caption_image_index (C,) maps each caption to its memory row (C = B when None); cross-attention keys
         and values are projected once per image and then shared by that image's captions. With
@@ -136,17 +185,19 @@ class TransformerDecoder(nn.Module):
         cross_mask = memory_attn_mask(memory_mask)
         if cross_mask is not None and caption_image_index is not None:
             cross_mask = cross_mask.index_select(0, caption_image_index)  # (C, 1, 1, N)
-        x, attention = self._embed(tokens, 0), None  # (C, T, D)
+        packing = TokenPacking(tokens)
+        x, attention = packing.pack(self._embed(tokens, 0)), None  # (R, D)
         for i, layer in enumerate(self.layers):
             k, v = layer.cross_attn.keys_values(memory)  # (B, nh, N, hd)
             if caption_image_index is not None:
                 k, v = k.index_select(0, caption_image_index), v.index_select(0, caption_image_index)
+            self_kv = partial(layer.self_attn.keys_values, packing=packing)
             if i == watched:
-                x, attention = layer(x, layer.self_attn.keys_values, (k, v), cross_mask, causal=True,
-                                     return_attention=True)  # attention (C, T, N)
+                x, attention = layer(x, self_kv, (k, v), cross_mask, causal=True, return_attention=True,
+                                     packing=packing)  # attention (C, T, N)
             else:
-                x = layer(x, layer.self_attn.keys_values, (k, v), cross_mask, causal=True)
-        logits = self.head(self.norm(x))  # (C, T, V)
+                x = layer(x, self_kv, (k, v), cross_mask, causal=True, packing=packing)
+        logits = packing.unpack(self.head(self.norm(x)))  # (R, V) -> (C, T, V)
         return (logits, attention) if return_attention else logits
 
     # --- step interface -------------------------------------------------------------------------------------
