@@ -4,8 +4,8 @@ Why: on the CPU, `F.dropout` draws its mask with `bernoulli_`, one Mersenne Twis
 element, and then multiplies by a float copy of it: about 7 ns per element on the 2-core development machine. The
 default model drops out some 7.5 million activations per training step, so in a step from cached features the masks
 cost about a fifth of the time. Here one 64-bit draw of the same generator gives four 16-bit uniform integers, and
-an element is kept where its integer clears a threshold: under a third of the cost, and a one-byte mask kept for
-the backward pass instead of a four-byte one.
+an element is kept where its integer clears a threshold: under a third of the cost. As in torch, the mask is then
+turned into the input's dtype and scaled once, so forward and backward are one multiplication each.
 
 The distribution is the same Bernoulli(1 - p) per element up to p's rounding to a multiple of 1/65536 (0.1 becomes
 0.100006), kept elements are scaled by one over the rounded keep probability (as torch scales by 1 / (1 - p)), so
@@ -50,4 +50,5 @@ class Dropout(nn.Dropout):
         if not self.training or not 0 < levels < _LEVELS or self.inplace or x.device.type != "cpu":
             return super().forward(x)  # eval, a p that rounds to 0 or 1 (torch keeps it exact), or not on the CPU
         keep_probability = 1.0 - levels / _LEVELS
-        return x * cpu_keep_mask(x.shape, self.p) * (1.0 / keep_probability)
+        scaled_mask = cpu_keep_mask(x.shape, self.p).to(x.dtype).mul_(1.0 / keep_probability)  # what backward keeps
+        return x * scaled_mask
