@@ -45,3 +45,17 @@ def test_train_benchmark_times_the_frozen_trunk_from_packed_copies():
     assert result["pack"]["images"] == 12 and result["pack"]["megabytes_after"] < result["pack"]["megabytes_before"]
     assert result["frozen_from_packed_jpeg"]["images"] == 8
     assert "frozen_from_packed_jpeg_vs_baseline" in result and "frozen_from_jpeg" not in result
+
+
+def test_train_benchmark_rounds_time_each_setting_again_and_report_its_median_round():
+    from captioner.benchmarks.train import TrainBenchmarkOptions, run_train_benchmark
+
+    opts = TrainBenchmarkOptions(device="cpu", images=8, batch_size=4, batches=1, image_size=32, workers=0,
+                                 captions_per_image=1, only=("cached_features",), rounds=3)
+    result = run_train_benchmark(opts)
+    for name in ("baseline", "cached_features"):
+        rounds = result[name]["images_per_s_rounds"]
+        assert len(rounds) == 3 and result[name]["images_per_s"] == sorted(rounds)[1], name
+    assert result["extract"]["images"] == 8  # the cache is filled once, whatever the rounds
+    ratio = result["cached_features"]["images_per_s"] / result["baseline"]["images_per_s"]
+    assert result["cached_features_vs_baseline"] == pytest.approx(ratio, abs=0.01)

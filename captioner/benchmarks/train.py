@@ -20,6 +20,11 @@ Timing: each setting draws from one loader iterator; the first 2 x workers + 1 b
 workers' queue, filled before timing starts, would otherwise flatter a data-bound setting), then `--batches`
 are timed. Captions: `--captions-per-image` of the five per image, all trained in each step. Peak memory:
 CUDA's peak allocated per setting; on CPU the process's peak resident set so far (an upper bound).
+
+Rounds: a shared machine's speed drifts by tens of percent within minutes, which one pass per setting reads as a
+difference between settings. `--rounds N` runs the whole sequence of settings N times, in turn, and reports each
+setting's median round (its per-round images/s under `images_per_s_rounds`), so the ratios compare settings timed
+side by side.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -70,6 +76,7 @@ class TrainBenchmarkOptions:
     decode_threads: tuple[int, ...] = ()  # CUDA: also time prefetching with these nvjpeg thread counts
     only: tuple[str, ...] = ()  # run only these settings (the baseline always runs: ratios need it)
     pack_size: int = 0  # also time the frozen trunk from copies packed to this shorter side (0 = off)
+    rounds: int = 1  # time every setting this many times, in turn, and report each one's median round
 
 
 def _write_part(folder: str, count: int, seed: int) -> tuple[str, str]:
@@ -219,23 +226,29 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         def timed(model, loader, batches=opts.batches, **kw):
             return _time_training(model, loader, batches, device, captions_per_image=cpi, **kw)
 
+        runs: dict[str, Callable[[], dict]] = {}  # every timed setting, to be timed again in later rounds
+
+        def measure(name: str, run: Callable[[], dict]) -> None:
+            runs[name] = run
+            result[name] = run()
+
         wanted = lambda name: not opts.only or name in opts.only  # noqa: E731
-        result["baseline"] = timed(frozen, _loader(records, tokenizer, opts, device, 0),
-                                   opts.baseline_batches or opts.batches, autocast=False)
+        measure("baseline", lambda: timed(frozen, _loader(records, tokenizer, opts, device, 0),
+                                          opts.baseline_batches or opts.batches, autocast=False))
         if wanted("frozen_from_jpeg"):
-            result["frozen_from_jpeg"] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
-                                               warmup=warmup)
+            measure("frozen_from_jpeg", lambda: timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
+                                                      warmup=warmup))
         packed_settings = ("frozen_from_packed_jpeg", "frozen_gpu_decode_prefetch_packed")
         if opts.pack_size and any(wanted(name) for name in packed_settings):
             packed = packed_copies(records, Path(tmp) / "images", Path(tmp) / "packed", opts.pack_size)
             result["pack"] = packed["pack"]
             if wanted("frozen_from_packed_jpeg"):
-                result["frozen_from_packed_jpeg"] = timed(
-                    frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers), warmup=warmup)
+                measure("frozen_from_packed_jpeg", lambda: timed(
+                    frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers), warmup=warmup))
             if cuda and wanted("frozen_gpu_decode_prefetch_packed"):
-                result["frozen_gpu_decode_prefetch_packed"] = timed(
+                measure("frozen_gpu_decode_prefetch_packed", lambda: timed(
                     frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers, "prefetch"),
-                    warmup=warmup)
+                    warmup=warmup))
         fastest, threads = "", 1
         if cuda:
             fastest, threads = "prefetch", 1
@@ -243,14 +256,14 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
             settings += [(f"frozen_gpu_decode_prefetch_threads{n}", "prefetch", n) for n in opts.decode_threads]
             for name, mode, n in settings:
                 if wanted(name):
-                    result[name] = timed(frozen, _loader(records, tokenizer, opts, device, opts.workers, mode,
-                                                         threads=n), warmup=warmup)
+                    measure(name, lambda mode=mode, n=n: timed(
+                        frozen, _loader(records, tokenizer, opts, device, opts.workers, mode, threads=n),
+                        warmup=warmup))
         if wanted("finetune_from_jpeg"):
             finetune = _model(tokenizer.vocab_size, 5, device)
-            result["finetune_from_jpeg"] = timed(
+            measure("finetune_from_jpeg", lambda: timed(
                 finetune, _loader(records, tokenizer, opts, device, opts.workers, fastest, threads=threads),
-                opts.finetune_batches, warmup=warmup)
-            del finetune
+                opts.finetune_batches, warmup=warmup))
 
         store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records),
                                   _feature_shape(frozen, opts.image_size, device))
@@ -261,12 +274,15 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         # tokenise captions and gather rows in parallel.
         cached_workers = opts.workers if cuda else 0
         if wanted("cached_features"):
-            result["cached_features"] = timed(
+            measure("cached_features", lambda: timed(
                 frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
-                warmup=2 * cached_workers + 1)
+                warmup=2 * cached_workers + 1))
         if not cuda and wanted("cached_features_cpu_bf16"):  # train --cpu-bf16
-            result["cached_features_cpu_bf16"] = timed(
-                frozen, _loader(records, tokenizer, opts, device, 0, store=store), store=store, cpu_bf16=True)
+            measure("cached_features_cpu_bf16", lambda: timed(
+                frozen, _loader(records, tokenizer, opts, device, 0, store=store), store=store, cpu_bf16=True))
+        _more_rounds(result, runs, opts.rounds)
+        if wanted("finetune_from_jpeg"):
+            del finetune
         if opts.coco_epoch:
             result["coco_epoch"] = _coco_epoch(frozen, records, tokenizer, opts, device, Path(tmp))
     baseline = result["baseline"]["images_per_s"]
@@ -276,6 +292,21 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         result["coco_epoch_seconds_cached_estimate"] = round(
             COCO_TRAIN_IMAGES / result["cached_features"]["images_per_s"], 1)
     return dict(result)
+
+
+def _more_rounds(result: dict, runs: dict[str, Callable[[], dict]], rounds: int) -> None:
+    """Time every setting of `runs` rounds - 1 more times, in the order of the first round, and keep each one's
+    median round (by images/s) in `result`, with all its rounds' images/s."""
+    if rounds <= 1:
+        return
+    timings = {name: [result[name]] for name in runs}
+    for round_number in range(2, rounds + 1):
+        for name, run in runs.items():
+            timings[name].append(run())
+            log.info("round %d of %d: %s %.1f images/s", round_number, rounds, name, timings[name][-1]["images_per_s"])
+    for name, measured in timings.items():
+        ordered = sorted(measured, key=lambda m: m["images_per_s"])
+        result[name] = {**ordered[(len(ordered) - 1) // 2], "images_per_s_rounds": [m["images_per_s"] for m in measured]}
 
 
 def _coco_epoch(model, records, tokenizer, opts: TrainBenchmarkOptions, device: torch.device, tmp: Path) -> dict:
@@ -319,6 +350,8 @@ def add_arguments(p) -> None:
                    help="run only these settings (e.g. frozen_gpu_decode_prefetch_threads4 cached_features)")
     p.add_argument("--pack-size", type=int, default=0, help="also pack the generated JPEGs to this shorter side "
                    "(as captioner pack-images does) and time the frozen trunk from those copies (0 = off)")
+    p.add_argument("--rounds", type=int, default=defaults.rounds, help="time every setting this many times, in "
+                   "turn, and report each one's median round (a shared machine's speed drifts)")
     p.add_argument("--out", help="also write the JSON here")
 
 
@@ -326,7 +359,7 @@ def run_from_args(args) -> int:
     opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
                                  args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
                                  args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",") if n),
-                                 tuple(args.only), args.pack_size)
+                                 tuple(args.only), args.pack_size, args.rounds)
     result = run_train_benchmark(opts)
     text = json.dumps(result, indent=2)
     if args.out:
