@@ -173,3 +173,23 @@ def test_a_pad_token_inside_a_caption_is_still_a_real_position():
     alone = model(images, with_inner_pad)
     torch.testing.assert_close(batched[1], alone[0], atol=1e-5, rtol=1e-5)
     assert alone[0].abs().sum(-1).gt(0).all(), "every position up to the last real token has logits"
+
+
+@pytest.mark.parametrize("index", [[0, 0, 1, 1], [0, 1, 0, 1], [1, 1, 0, 0], [0, 0, 0, 1]])
+def test_captions_read_their_image_keys_in_place_or_copied_with_the_same_result(index):
+    """Consecutive, equally many captions per image read the image's cross-attention keys in place (one attention
+    call per image); any other layout copies them per caption. Both must equal giving each caption its own
+    copy of the memory, attention maps included."""
+    from captioner.models.transformer import captions_per_image
+
+    model = tiny_model()
+    decoder = model.decoder
+    memory = model.encode(torch.randn(2, 3, 64, 64))  # (2, N, D)
+    tokens = _right_padded([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]])
+    index = torch.tensor(index)
+    logits, attention = decoder(memory, tokens, caption_image_index=index, return_attention=True)
+    own_logits, own_attention = decoder(memory.index_select(0, index), tokens, return_attention=True)
+    torch.testing.assert_close(logits, own_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attention, own_attention, atol=1e-5, rtol=1e-5)
+    assert captions_per_image(index, 2) == (2 if index.tolist() == [0, 0, 1, 1] else 0)
+    assert captions_per_image(None, 2) == 1

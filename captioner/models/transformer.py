@@ -60,6 +60,23 @@ class TokenPacking:
         return x.new_zeros(c * t, x.shape[-1]).index_copy(0, self.rows, x).view(c, t, -1)
 
 
+def captions_per_image(caption_image_index: torch.Tensor | None, num_images: int) -> int:
+    """G when the captions come as G consecutive rows per image, images in order (C = B x G; what collation
+    builds when every image gives the same number of captions), so an image's cross-attention keys can be read in
+    place; 0 otherwise. No index means one caption per image.
+
+    Why: copying each image's keys and values to every caption's row costs a gather forward and, worse, a
+    scatter-add backward (atomic adds on a GPU), for every layer."""
+    if caption_image_index is None:
+        return 1
+    captions = caption_image_index.shape[0]
+    if num_images == 0 or captions % num_images:
+        return 0
+    groups = captions // num_images
+    regular = torch.arange(num_images, device=caption_image_index.device).repeat_interleave(groups)
+    return groups if torch.equal(caption_image_index, regular) else 0
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate query and key/value inputs (self- or cross-attention)."""
 
@@ -86,29 +103,34 @@ class Attention(nn.Module):
         return self.split_heads(k), self.split_heads(v)  # each (B, nh, S, hd)
 
     def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None, causal=False,
-               return_weights: bool = False, packing: TokenPacking | None = None):
+               return_weights: bool = False, packing: TokenPacking | None = None, query_groups: int = 1):
         """x (B, T, D) -> (B, T, D); or x (R, D) packed by `packing` -> (R, D). With return_weights, also the
         attention weights averaged over heads (B, T, S), before dropout; for cross-attention only (no causal mask
         is applied to the weights).
 
+        query_groups G > 1 (cross-attention): every G consecutive rows of x read the same row of k, v, mask
+        ((B / G, nh, S, hd)): their queries are laid end to end, (B / G, G * T, D), and attend in one call.
+
         The fused kernel does not return its weights, so they are recomputed beside it (one more q.k product,
         for the one layer that is asked): the output itself is the fused kernel's, so watching the attention
         cannot change a caption."""
+        if query_groups > 1 and causal:
+            raise ValueError("query_groups is for cross-attention: a causal mask cannot span grouped queries")
         q = self.q(x)
         if packing is not None:
             q = packing.unpack(q)  # (B, T, D)
-        q = self.split_heads(q)  # (B, nh, T, hd)
+        b, t, d = q.shape
+        q = self.split_heads(q.reshape(b // query_groups, query_groups * t, d))  # (B / G, nh, G * T, hd)
         drop = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
-        b, _, t, _ = y.shape
-        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, D)
+        y = y.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         out = self.out(y if packing is None else packing.pack(y))  # (B, T, D) or (R, D)
         if not return_weights:
             return out
-        scores = (q @ k.transpose(-2, -1)).float() * self.head_dim**-0.5  # (B, nh, T, S)
+        scores = (q @ k.transpose(-2, -1)).float() * self.head_dim**-0.5  # (B / G, nh, G * T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return out, torch.softmax(scores, dim=-1).mean(dim=1).to(q.dtype)
+        return out, torch.softmax(scores, dim=-1).mean(dim=1).to(q.dtype).reshape(b, t, -1)
 
 
 def memory_attn_mask(memory_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -126,18 +148,19 @@ class DecoderLayer(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x, self_kv, cross_kv, cross_mask, causal: bool, return_attention: bool = False,
-                packing: TokenPacking | None = None):
+                packing: TokenPacking | None = None, query_groups: int = 1):
         """x (B, T, D), or (R, D) packed by `packing` (then self_kv must take packed input too) -> x in the same
-        layout [, cross-attention weights averaged over heads (B, T, N) if return_attention]."""
+        layout [, cross-attention weights averaged over heads (B, T, N) if return_attention]. query_groups: see
+        Attention.attend (cross_kv and cross_mask then hold one row per group)."""
         h = self.norm1(x)
         k, v = self_kv(h)
         x = x + self.drop(self.self_attn.attend(h, k, v, causal=causal, packing=packing))
         h = self.norm2(x)
+        cross = dict(mask=cross_mask, packing=packing, query_groups=query_groups)
         if return_attention:
-            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask, return_weights=True,
-                                                         packing=packing)
+            attended, attention = self.cross_attn.attend(h, *cross_kv, return_weights=True, **cross)
         else:
-            attended, attention = self.cross_attn.attend(h, *cross_kv, mask=cross_mask, packing=packing), None
+            attended, attention = self.cross_attn.attend(h, *cross_kv, **cross), None
         x = x + self.drop(attended)
         x = x + self.drop(self.mlp(self.norm3(x)))
         return (x, attention) if return_attention else x
@@ -179,24 +202,27 @@ class TransformerDecoder(nn.Module):
         (C, T, N)]. Logits at padded positions (after a caption's last non-PAD token) are zeros: see TokenPacking.
 
         caption_image_index (C,) maps each caption to its memory row (C = B when None); cross-attention keys
-        and values are projected once per image and then shared by that image's captions. With
+        and values are projected once per image and then shared by that image's captions: read in place when
+        every image has the same number of captions in consecutive rows (how collation lays them out), else
+        copied to each caption's row. With
         return_attention, also the cross-attention of layer `attention_layer`, averaged over heads."""
         watched = self.layer_index(attention_layer) if return_attention else None
         cross_mask = memory_attn_mask(memory_mask)
-        if cross_mask is not None and caption_image_index is not None:
+        groups = captions_per_image(caption_image_index, memory.shape[0])  # 0: irregular, copy per caption
+        if cross_mask is not None and not groups:
             cross_mask = cross_mask.index_select(0, caption_image_index)  # (C, 1, 1, N)
         packing = TokenPacking(tokens)
         x, attention = packing.pack(self._embed(tokens, 0)), None  # (R, D)
         for i, layer in enumerate(self.layers):
             k, v = layer.cross_attn.keys_values(memory)  # (B, nh, N, hd)
-            if caption_image_index is not None:
-                k, v = k.index_select(0, caption_image_index), v.index_select(0, caption_image_index)
+            if not groups:
+                k, v = k.index_select(0, caption_image_index), v.index_select(0, caption_image_index)  # (C, ...)
             self_kv = partial(layer.self_attn.keys_values, packing=packing)
             if i == watched:
                 x, attention = layer(x, self_kv, (k, v), cross_mask, causal=True, return_attention=True,
-                                     packing=packing)  # attention (C, T, N)
+                                     packing=packing, query_groups=groups or 1)  # attention (C, T, N)
             else:
-                x = layer(x, self_kv, (k, v), cross_mask, causal=True, packing=packing)
+                x = layer(x, self_kv, (k, v), cross_mask, causal=True, packing=packing, query_groups=groups or 1)
         logits = packing.unpack(self.head(self.norm(x)))  # (R, V) -> (C, T, V)
         return (logits, attention) if return_attention else logits
 
