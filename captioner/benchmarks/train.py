@@ -259,10 +259,10 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
                     measure(name, lambda mode=mode, n=n: timed(
                         frozen, _loader(records, tokenizer, opts, device, opts.workers, mode, threads=n),
                         warmup=warmup))
-        if wanted("finetune_from_jpeg"):
-            finetune = _model(tokenizer.vocab_size, 5, device)
+        if wanted("finetune_from_jpeg"):  # a fresh model per round, freed before the next setting is timed
             measure("finetune_from_jpeg", lambda: timed(
-                finetune, _loader(records, tokenizer, opts, device, opts.workers, fastest, threads=threads),
+                _model(tokenizer.vocab_size, 5, device),
+                _loader(records, tokenizer, opts, device, opts.workers, fastest, threads=threads),
                 opts.finetune_batches, warmup=warmup))
 
         store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records),
@@ -281,8 +281,6 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
             measure("cached_features_cpu_bf16", lambda: timed(
                 frozen, _loader(records, tokenizer, opts, device, 0, store=store), store=store, cpu_bf16=True))
         _more_rounds(result, runs, opts.rounds)
-        if wanted("finetune_from_jpeg"):
-            del finetune
         if opts.coco_epoch:
             result["coco_epoch"] = _coco_epoch(frozen, records, tokenizer, opts, device, Path(tmp))
     baseline = result["baseline"]["images_per_s"]
