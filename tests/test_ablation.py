@@ -111,3 +111,22 @@ def test_every_shipped_variant_is_a_valid_train_configuration():
                 pytest.fail(f"{variants_file.name}: variant {name!r} has flags train does not take: {flags}")
             cfg = config_from_args(args)
             assert cfg.train.epochs >= 1, (variants_file.name, name)
+
+
+def test_pretraining_rounds_keep_their_meaning_over_the_shipped_recipe():
+    """Rounds 3 and 4 are run over configs/flickr8k_scratch.json, which now pre-trains the trunk for 40 epochs:
+    each variant must still pre-train exactly as its name in the README's tables says (none for the recipe rows
+    of round 3, N epochs for ptN), or a rerun would quietly measure something else."""
+    import re
+
+    from captioner.cli import build_parser
+    from captioner.train_cli import config_from_args
+
+    recipe = REPO / "configs" / "flickr8k_scratch.json"
+    shipped = config_from_args(build_parser().parse_args(["train", "--config", str(recipe)]))
+    assert shipped.train.trunk_pretrain_epochs == 40
+    for round_file in ("flickr8k_ablation_round3.json", "flickr8k_ablation_round4.json"):
+        for name, flags in json.loads((REPO / "configs" / round_file).read_text()).items():
+            cfg = config_from_args(build_parser().parse_args(["train", "--config", str(recipe), *flags]))
+            named = re.match(r"pt(\d+)", name)
+            assert cfg.train.trunk_pretrain_epochs == (int(named.group(1)) if named else 0), (round_file, name)
