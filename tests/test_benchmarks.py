@@ -59,3 +59,32 @@ def test_train_benchmark_rounds_time_each_setting_again_and_report_its_median_ro
     assert result["extract"]["images"] == 8  # the cache is filled once, whatever the rounds
     ratio = result["cached_features"]["images_per_s"] / result["baseline"]["images_per_s"]
     assert result["cached_features_vs_baseline"] == pytest.approx(ratio, abs=0.01)
+
+
+def test_train_benchmark_compile_times_compiled_twins_through_the_compiled_forward(monkeypatch):
+    """--compile adds NAME_compiled beside each fast setting, and its steps run through the compiled forward (a
+    stand-in here that counts its calls: a real compile costs minutes on two cores and is measured on a GPU)."""
+    import captioner.benchmarks.train as bench
+
+    calls = {"wrapped": 0, "steps": 0}
+
+    def counting_forward(model):
+        calls["wrapped"] += 1
+
+        def forward(*args, **kwargs):
+            calls["steps"] += 1
+            return model.forward_train(*args, **kwargs)
+        return forward
+
+    monkeypatch.setattr(bench, "compiled_forward", counting_forward)
+    opts = bench.TrainBenchmarkOptions(device="cpu", images=8, batch_size=4, batches=2, image_size=32, workers=0,
+                                       captions_per_image=1, pack_size=40, compile=True,
+                                       only=("frozen_from_packed_jpeg", "cached_features"))
+    result = bench.run_train_benchmark(opts)
+    twins = ("frozen_from_packed_jpeg_compiled", "cached_features_compiled")
+    for name in ("frozen_from_packed_jpeg", "cached_features", *twins):
+        assert result[name]["images"] == 8, name  # two timed batches of four
+        assert f"{name}_vs_baseline" in result
+    assert "frozen_from_jpeg_compiled" not in result  # --only still decides which settings run
+    # one compiled forward per twin, and every one of the twins' steps (one warm-up + two timed each) went through it
+    assert calls == {"wrapped": 2, "steps": 2 * 3}

@@ -13,6 +13,9 @@ Every figure comes from the project's own training step (`engine.train_one_epoch
 - extract: filling the on-disk FeatureStore with the frozen trunk's output;
 - cached_features: training from that store, so a step is the bridge and the decoder only;
 - CPU only: cached_features_cpu_bf16, the same under bf16 autocast (`train --cpu-bf16`);
+- with `--compile`: frozen_from_jpeg_compiled, frozen_from_packed_jpeg_compiled and cached_features_compiled, the
+  same settings with the training forward under `torch.compile` (what `train --compile` runs); compilation happens
+  in the warm-up batches, so the timed batches see the compiled code;
 - with `--coco-epoch` (CUDA): a COCO-sized epoch, 113,287 records over the generated files (each file stands
   for many records), extracted into a fresh store and then trained for one whole epoch from it, timed.
 
@@ -77,6 +80,7 @@ class TrainBenchmarkOptions:
     only: tuple[str, ...] = ()  # run only these settings (the baseline always runs: ratios need it)
     pack_size: int = 0  # also time the frozen trunk from copies packed to this shorter side (0 = off)
     rounds: int = 1  # time every setting this many times, in turn, and report each one's median round
+    compile: bool = False  # also time the fast settings with the training forward compiled (`train --compile`)
 
 
 def _write_part(folder: str, count: int, seed: int) -> tuple[str, str]:
@@ -171,17 +175,24 @@ def _optimizer(model):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+def compiled_forward(model: Captioner) -> Callable:
+    """The training forward as `train --compile` runs it."""
+    return torch.compile(model.forward_train, dynamic=True)
+
+
 def _time_training(model, loader, batches: int, device: torch.device, store: FeatureStore | None = None,
-                   autocast: bool = True, warmup: int = 1, captions_per_image: int = 5, cpu_bf16: bool = False) -> dict:
+                   autocast: bool = True, warmup: int = 1, captions_per_image: int = 5, cpu_bf16: bool = False,
+                   forward: Callable | None = None) -> dict:
+    """forward: what the step calls instead of model.forward_train (a compiled one; it compiles in the warm-up)."""
     optimizer, scheduler = _optimizer(model)
     batches_in = iter(loader)
     train_one_epoch(model, islice(batches_in, warmup), optimizer, scheduler, device, 0, progress=False,
-                    feature_store=store, amp=autocast, cpu_bf16=cpu_bf16)  # kernels, allocator, workers, queue
+                    feature_store=store, amp=autocast, cpu_bf16=cpu_bf16, forward=forward)  # kernels, workers, queue
     _sync(device)
     _reset_peak(device)
     started = time.perf_counter()
     stats = train_one_epoch(model, islice(batches_in, batches), optimizer, scheduler, device, 0, progress=False,
-                            feature_store=store, amp=autocast, cpu_bf16=cpu_bf16)
+                            feature_store=store, amp=autocast, cpu_bf16=cpu_bf16, forward=forward)
     _sync(device)
     seconds = time.perf_counter() - started
     del batches_in  # stops the workers (and a prefetch thread) now, not at the next setting
@@ -232,19 +243,27 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
             runs[name] = run
             result[name] = run()
 
+        def measure_compiled(name: str, timed_with: Callable[[Callable | None], dict]) -> None:
+            """Time setting `name` eager if wanted, and with --compile its compiled twin NAME_compiled too (wanted
+            with its eager setting, or named in --only on its own)."""
+            if wanted(name):
+                measure(name, lambda: timed_with(None))
+            if opts.compile and (wanted(name) or wanted(f"{name}_compiled")):
+                measure(f"{name}_compiled", lambda: timed_with(compiled_forward(frozen)))
+
         wanted = lambda name: not opts.only or name in opts.only  # noqa: E731
         measure("baseline", lambda: timed(frozen, _loader(records, tokenizer, opts, device, 0),
                                           opts.baseline_batches or opts.batches, autocast=False))
-        if wanted("frozen_from_jpeg"):
-            measure("frozen_from_jpeg", lambda: timed(frozen, _loader(records, tokenizer, opts, device, opts.workers),
-                                                      warmup=warmup))
-        packed_settings = ("frozen_from_packed_jpeg", "frozen_gpu_decode_prefetch_packed")
+        measure_compiled("frozen_from_jpeg", lambda forward: timed(
+            frozen, _loader(records, tokenizer, opts, device, opts.workers), warmup=warmup, forward=forward))
+        packed_settings = ("frozen_from_packed_jpeg", "frozen_from_packed_jpeg_compiled",
+                           "frozen_gpu_decode_prefetch_packed")
         if opts.pack_size and any(wanted(name) for name in packed_settings):
             packed = packed_copies(records, Path(tmp) / "images", Path(tmp) / "packed", opts.pack_size)
             result["pack"] = packed["pack"]
-            if wanted("frozen_from_packed_jpeg"):
-                measure("frozen_from_packed_jpeg", lambda: timed(
-                    frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers), warmup=warmup))
+            measure_compiled("frozen_from_packed_jpeg", lambda forward: timed(
+                frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers), warmup=warmup,
+                forward=forward))
             if cuda and wanted("frozen_gpu_decode_prefetch_packed"):
                 measure("frozen_gpu_decode_prefetch_packed", lambda: timed(
                     frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers, "prefetch"),
@@ -267,16 +286,16 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
 
         store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records),
                                   _feature_shape(frozen, opts.image_size, device))
-        if wanted("extract") or wanted("cached_features") or wanted("cached_features_cpu_bf16"):
+        if any(wanted(name) for name in ("extract", "cached_features", "cached_features_compiled",
+                                         "cached_features_cpu_bf16")):
             result["extract"] = _time_extraction(frozen, _loader(records, tokenizer, opts, device, opts.workers,
                                                                  fastest, repeat=False, threads=threads), store, device)
         # On 2 CPU cores workers would only copy memory-mapped rows between processes; a GPU machine's cores
         # tokenise captions and gather rows in parallel.
         cached_workers = opts.workers if cuda else 0
-        if wanted("cached_features"):
-            measure("cached_features", lambda: timed(
-                frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
-                warmup=2 * cached_workers + 1))
+        measure_compiled("cached_features", lambda forward: timed(
+            frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
+            warmup=2 * cached_workers + 1, forward=forward))
         if not cuda and wanted("cached_features_cpu_bf16"):  # train --cpu-bf16
             measure("cached_features_cpu_bf16", lambda: timed(
                 frozen, _loader(records, tokenizer, opts, device, 0, store=store), store=store, cpu_bf16=True))
@@ -350,6 +369,8 @@ def add_arguments(p) -> None:
                    "(as captioner pack-images does) and time the frozen trunk from those copies (0 = off)")
     p.add_argument("--rounds", type=int, default=defaults.rounds, help="time every setting this many times, in "
                    "turn, and report each one's median round (a shared machine's speed drifts)")
+    p.add_argument("--compile", action="store_true", help="also time frozen_from_jpeg, frozen_from_packed_jpeg "
+                   "and cached_features with the training forward under torch.compile (as `train --compile`)")
     p.add_argument("--out", help="also write the JSON here")
 
 
@@ -357,7 +378,7 @@ def run_from_args(args) -> int:
     opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
                                  args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
                                  args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",") if n),
-                                 tuple(args.only), args.pack_size, args.rounds)
+                                 tuple(args.only), args.pack_size, args.rounds, args.compile)
     result = run_train_benchmark(opts)
     text = json.dumps(result, indent=2)
     if args.out:
