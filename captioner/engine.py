@@ -23,6 +23,12 @@ from .models.lstm import doubly_stochastic_penalty
 from .text import PAD_ID, Tokenizer
 
 
+def compile_training_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
+    """`train --compile`: the training forward (model.forward_train, or its DistributedDataParallel wrapper) under
+    torch.compile, with dynamic shapes since caption lengths change from batch to batch. Decoding stays eager."""
+    return torch.compile(forward, dynamic=True)
+
+
 def autocast_for(device: torch.device, cpu_bf16: bool = False):
     """bf16 autocast on CUDA; on CPU fp32 unless `cpu_bf16` (--cpu-bf16): CPUs without bf16 instructions run
     bf16 slower than fp32, while one with AVX512-BF16 (the 2-core development machine) multiplied the decoder's

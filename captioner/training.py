@@ -37,8 +37,8 @@ from .data.transforms import TrainAugment
 from .decoding import DecodeOptions
 from .distributed import Distributed, init_distributed, shutdown_distributed
 from .ema import ModelEMA
-from .engine import EpochTotals, NonFiniteLossError, evaluate, fill_feature_store, prepare_images, \
-    train_one_epoch, warmup_cosine
+from .engine import EpochTotals, NonFiniteLossError, compile_training_forward, evaluate, fill_feature_store, \
+    prepare_images, train_one_epoch, warmup_cosine
 from .feature_cache import FeatureStore, records_digest, tensors_digest
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
@@ -377,7 +377,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     if dist.enabled:  # after the checkpoint is restored: DDP sends rank 0's weights and buffers to all at start
         forward = DistributedDataParallel(TrainStep(model), device_ids=[device.index] if device.type == "cuda" else None)
     if t.compile:  # the training forward only; decoding steps stay eager (their shapes change every step)
-        forward = torch.compile(forward or model.forward_train, dynamic=True)
+        forward = compile_training_forward(forward or model.forward_train)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
     with StopSignals() as stop:
         for epoch in range(start_epoch, t.epochs + 1):

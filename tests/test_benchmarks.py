@@ -68,15 +68,15 @@ def test_train_benchmark_compile_times_compiled_twins_through_the_compiled_forwa
 
     calls = {"wrapped": 0, "steps": 0}
 
-    def counting_forward(model):
+    def counting_compile(forward_train):
         calls["wrapped"] += 1
 
         def forward(*args, **kwargs):
             calls["steps"] += 1
-            return model.forward_train(*args, **kwargs)
+            return forward_train(*args, **kwargs)
         return forward
 
-    monkeypatch.setattr(bench, "compiled_forward", counting_forward)
+    monkeypatch.setattr(bench, "compile_training_forward", counting_compile)
     opts = bench.TrainBenchmarkOptions(device="cpu", images=8, batch_size=4, batches=2, image_size=32, workers=0,
                                        captions_per_image=1, pack_size=40, compile=True,
                                        only=("frozen_from_packed_jpeg", "cached_features"))

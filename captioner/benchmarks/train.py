@@ -53,7 +53,7 @@ from ..data.dataset import CaptionDataset
 from ..data.device_decode import DeviceDecodingLoader
 from ..data.records import ImageRecord
 from ..data.sampling import EpochSampler
-from ..engine import fill_feature_store, train_one_epoch
+from ..engine import compile_training_forward, fill_feature_store, train_one_epoch
 from ..feature_cache import FeatureStore
 from ..models.captioner import Captioner
 from ..text import Tokenizer
@@ -175,11 +175,6 @@ def _optimizer(model):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def compiled_forward(model: Captioner) -> Callable:
-    """The training forward as `train --compile` runs it."""
-    return torch.compile(model.forward_train, dynamic=True)
-
-
 def _time_training(model, loader, batches: int, device: torch.device, store: FeatureStore | None = None,
                    autocast: bool = True, warmup: int = 1, captions_per_image: int = 5, cpu_bf16: bool = False,
                    forward: Callable | None = None) -> dict:
@@ -238,6 +233,7 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
             return _time_training(model, loader, batches, device, captions_per_image=cpi, **kw)
 
         runs: dict[str, Callable[[], dict]] = {}  # every timed setting, to be timed again in later rounds
+        wanted = lambda name: not opts.only or name in opts.only  # noqa: E731
 
         def measure(name: str, run: Callable[[], dict]) -> None:
             runs[name] = run
@@ -249,9 +245,8 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
             if wanted(name):
                 measure(name, lambda: timed_with(None))
             if opts.compile and (wanted(name) or wanted(f"{name}_compiled")):
-                measure(f"{name}_compiled", lambda: timed_with(compiled_forward(frozen)))
+                measure(f"{name}_compiled", lambda: timed_with(compile_training_forward(frozen.forward_train)))
 
-        wanted = lambda name: not opts.only or name in opts.only  # noqa: E731
         measure("baseline", lambda: timed(frozen, _loader(records, tokenizer, opts, device, 0),
                                           opts.baseline_batches or opts.batches, autocast=False))
         measure_compiled("frozen_from_jpeg", lambda forward: timed(
