@@ -88,3 +88,17 @@ def test_train_benchmark_compile_times_compiled_twins_through_the_compiled_forwa
     assert "frozen_from_jpeg_compiled" not in result  # --only still decides which settings run
     # one compiled forward per twin, and every one of the twins' steps (one warm-up + two timed each) went through it
     assert calls == {"wrapped": 2, "steps": 2 * 3}
+
+
+def test_train_benchmark_more_batch_sizes_time_twins_in_larger_batches():
+    from captioner.benchmarks.train import TrainBenchmarkOptions, run_train_benchmark
+
+    opts = TrainBenchmarkOptions(device="cpu", images=12, batch_size=2, batches=2, image_size=32, workers=0,
+                                 captions_per_image=1, pack_size=40, more_batch_sizes=(4, 6),
+                                 only=("frozen_from_packed_jpeg_batch6", "cached_features"))
+    result = run_train_benchmark(opts)
+    assert result["cached_features"]["images"] == 4  # two timed batches of two
+    assert result["cached_features_batch4"]["images"] == 8 and result["cached_features_batch6"]["images"] == 12
+    assert result["frozen_from_packed_jpeg_batch6"]["images"] == 12  # a twin named on its own in --only
+    assert "frozen_from_packed_jpeg" not in result and "frozen_from_packed_jpeg_batch4" not in result
+    assert "cached_features_batch6_vs_baseline" in result

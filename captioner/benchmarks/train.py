@@ -16,6 +16,9 @@ Every figure comes from the project's own training step (`engine.train_one_epoch
 - with `--compile`: frozen_from_jpeg_compiled, frozen_from_packed_jpeg_compiled and cached_features_compiled, the
   same settings with the training forward under `torch.compile` (what `train --compile` runs); compilation happens
   in the warm-up batches, so the timed batches see the compiled code;
+- with `--more-batch-sizes B ...`: frozen_from_jpeg_batchB, frozen_from_packed_jpeg_batchB and cached_features_batchB,
+  the same settings in batches of B images: a step bound by per-step overhead (Python, kernel launches, host
+  synchronisations) gets faster per image as B grows, one bound by the work per image does not;
 - with `--coco-epoch` (CUDA): a COCO-sized epoch, 113,287 records over the generated files (each file stands
   for many records), extracted into a fresh store and then trained for one whole epoch from it, timed.
 
@@ -37,7 +40,7 @@ import logging
 import multiprocessing
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from itertools import islice
 from pathlib import Path
 from typing import Callable
@@ -81,6 +84,7 @@ class TrainBenchmarkOptions:
     pack_size: int = 0  # also time the frozen trunk from copies packed to this shorter side (0 = off)
     rounds: int = 1  # time every setting this many times, in turn, and report each one's median round
     compile: bool = False  # also time the fast settings with the training forward compiled (`train --compile`)
+    more_batch_sizes: tuple[int, ...] = ()  # also time the fast settings at these batch sizes (NAME_batchB)
 
 
 def _write_part(folder: str, count: int, seed: int) -> tuple[str, str]:
@@ -234,30 +238,33 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
 
         runs: dict[str, Callable[[], dict]] = {}  # every timed setting, to be timed again in later rounds
         wanted = lambda name: not opts.only or name in opts.only  # noqa: E731
+        wanted_family = lambda name: not opts.only or any(n.startswith(name) for n in opts.only)  # noqa: E731
 
         def measure(name: str, run: Callable[[], dict]) -> None:
             runs[name] = run
             result[name] = run()
 
-        def measure_compiled(name: str, timed_with: Callable[[Callable | None], dict]) -> None:
-            """Time setting `name` eager if wanted, and with --compile its compiled twin NAME_compiled too (wanted
-            with its eager setting, or named in --only on its own)."""
+        def measure_twins(name: str, timed_with: Callable[[Callable | None, TrainBenchmarkOptions], dict]) -> None:
+            """Time setting `name` eager if wanted; with --compile its compiled twin NAME_compiled, and for each
+            size B of --more-batch-sizes its twin NAME_batchB (eager, batches of B images). A twin is wanted with
+            its setting, or named in --only on its own. `timed_with(forward, options)` times one of them."""
             if wanted(name):
-                measure(name, lambda: timed_with(None))
+                measure(name, lambda: timed_with(None, opts))
             if opts.compile and (wanted(name) or wanted(f"{name}_compiled")):
-                measure(f"{name}_compiled", lambda: timed_with(compile_training_forward(frozen.forward_train)))
+                measure(f"{name}_compiled", lambda: timed_with(compile_training_forward(frozen.forward_train), opts))
+            for size in opts.more_batch_sizes:
+                if wanted(name) or wanted(f"{name}_batch{size}"):
+                    measure(f"{name}_batch{size}", lambda size=size: timed_with(None, replace(opts, batch_size=size)))
 
         measure("baseline", lambda: timed(frozen, _loader(records, tokenizer, opts, device, 0),
                                           opts.baseline_batches or opts.batches, autocast=False))
-        measure_compiled("frozen_from_jpeg", lambda forward: timed(
-            frozen, _loader(records, tokenizer, opts, device, opts.workers), warmup=warmup, forward=forward))
-        packed_settings = ("frozen_from_packed_jpeg", "frozen_from_packed_jpeg_compiled",
-                           "frozen_gpu_decode_prefetch_packed")
-        if opts.pack_size and any(wanted(name) for name in packed_settings):
+        measure_twins("frozen_from_jpeg", lambda forward, o: timed(
+            frozen, _loader(records, tokenizer, o, device, opts.workers), warmup=warmup, forward=forward))
+        if opts.pack_size and (wanted_family("frozen_from_packed_jpeg") or wanted("frozen_gpu_decode_prefetch_packed")):
             packed = packed_copies(records, Path(tmp) / "images", Path(tmp) / "packed", opts.pack_size)
             result["pack"] = packed["pack"]
-            measure_compiled("frozen_from_packed_jpeg", lambda forward: timed(
-                frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers), warmup=warmup,
+            measure_twins("frozen_from_packed_jpeg", lambda forward, o: timed(
+                frozen, _loader(packed["records"], tokenizer, o, device, opts.workers), warmup=warmup,
                 forward=forward))
             if cuda and wanted("frozen_gpu_decode_prefetch_packed"):
                 measure("frozen_gpu_decode_prefetch_packed", lambda: timed(
@@ -281,15 +288,14 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
 
         store = FeatureStore.open(Path(tmp) / "features", {"benchmark": True}, len(records),
                                   _feature_shape(frozen, opts.image_size, device))
-        if any(wanted(name) for name in ("extract", "cached_features", "cached_features_compiled",
-                                         "cached_features_cpu_bf16")):
+        if wanted("extract") or wanted_family("cached_features"):
             result["extract"] = _time_extraction(frozen, _loader(records, tokenizer, opts, device, opts.workers,
                                                                  fastest, repeat=False, threads=threads), store, device)
         # On 2 CPU cores workers would only copy memory-mapped rows between processes; a GPU machine's cores
         # tokenise captions and gather rows in parallel.
         cached_workers = opts.workers if cuda else 0
-        measure_compiled("cached_features", lambda forward: timed(
-            frozen, _loader(records, tokenizer, opts, device, cached_workers, store=store), store=store,
+        measure_twins("cached_features", lambda forward, o: timed(
+            frozen, _loader(records, tokenizer, o, device, cached_workers, store=store), store=store,
             warmup=2 * cached_workers + 1, forward=forward))
         if not cuda and wanted("cached_features_cpu_bf16"):  # train --cpu-bf16
             measure("cached_features_cpu_bf16", lambda: timed(
@@ -366,6 +372,10 @@ def add_arguments(p) -> None:
                    "turn, and report each one's median round (a shared machine's speed drifts)")
     p.add_argument("--compile", action="store_true", help="also time frozen_from_jpeg, frozen_from_packed_jpeg "
                    "and cached_features with the training forward under torch.compile (as `train --compile`)")
+    p.add_argument("--more-batch-sizes", type=int, nargs="+", default=(), metavar="B",
+                   help="also time frozen_from_jpeg, frozen_from_packed_jpeg and cached_features in batches of B "
+                   "images (NAME_batchB): whether images/s grows with the batch says whether a step is bound by "
+                   "per-step overhead or by the work per image")
     p.add_argument("--out", help="also write the JSON here")
 
 
@@ -373,7 +383,8 @@ def run_from_args(args) -> int:
     opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
                                  args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
                                  args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",") if n),
-                                 tuple(args.only), args.pack_size, args.rounds, args.compile)
+                                 tuple(args.only), args.pack_size, args.rounds, args.compile,
+                                 tuple(args.more_batch_sizes))
     result = run_train_benchmark(opts)
     text = json.dumps(result, indent=2)
     if args.out:
