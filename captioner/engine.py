@@ -46,6 +46,20 @@ def prepare_images(images_uint8: torch.Tensor, device: torch.device) -> torch.Te
     return images.contiguous(memory_format=torch.channels_last)
 
 
+def caption_loss_of(logits: torch.Tensor, batch: Batch, label_smoothing: float) -> torch.Tensor:
+    """Cross-entropy per caption token, averaged over the batch's tokens: logits (C, T, V), targets (C, T).
+
+    Captions sampled from the model (self-critical training) come with `row_weights` (C,), their advantages:
+    each caption's token losses are multiplied by its weight, which turns the average into the policy-gradient
+    loss, and label smoothing does not apply (it would push every sampled caption towards uniform words)."""
+    flat_logits, flat_targets = logits.float().flatten(0, 1), batch.targets.flatten()
+    if batch.row_weights is None:
+        return F.cross_entropy(flat_logits, flat_targets, ignore_index=PAD_ID, label_smoothing=label_smoothing)
+    per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=PAD_ID, reduction="none")  # 0 at padding
+    weighted = per_token.view(batch.targets.shape) * batch.row_weights[:, None].to(per_token.dtype)  # (C, T)
+    return weighted.sum() / (batch.targets != PAD_ID).sum().clamp(min=1)
+
+
 def bag_of_words_loss(bow_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Multi-label BCE summed over the vocabulary, averaged over images: (B, V) logits vs (B, V) 0/1 targets."""
     bce = F.binary_cross_entropy_with_logits(bow_logits.float(), targets, reduction="sum")
@@ -75,11 +89,16 @@ class EpochTotals:
     steps: int = 0
     skipped_images: int = 0
     nonfinite_steps: int = 0
+    reward_sum: float = 0.0  # self-critical epochs: the sampled captions' rewards (scst.py)
+    rewards: int = 0
 
     def summary(self) -> dict[str, Any]:
-        return {"train_loss": self.loss_sum / max(self.tokens, 1), "train_bow_loss": self.bow_sum / max(self.images, 1),
-                "images": self.images, "steps": self.steps, "skipped_images": self.skipped_images,
-                "nonfinite_steps": self.nonfinite_steps}
+        summary = {"train_loss": self.loss_sum / max(self.tokens, 1),
+                   "train_bow_loss": self.bow_sum / max(self.images, 1), "images": self.images, "steps": self.steps,
+                   "skipped_images": self.skipped_images, "nonfinite_steps": self.nonfinite_steps}
+        if self.rewards:
+            summary["scst_reward"] = self.reward_sum / self.rewards
+        return summary
 
 
 def _nonfinite(policy: str, what: str, epoch: int, totals: EpochTotals, caption_loss, bow_loss) -> None:
@@ -153,8 +172,7 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
                     images = prepare_images(batch.images, device)
                     prefix = encode_prefix(model, batch, images, feature_store)
                     out = forward(images, batch.tokens_in, batch.caption_image_index, prefix)
-                    caption_loss = F.cross_entropy(out.logits.float().flatten(0, 1), batch.targets.flatten(),
-                                                   ignore_index=PAD_ID, label_smoothing=label_smoothing)  # batch mean
+                    caption_loss = caption_loss_of(out.logits, batch, label_smoothing)  # batch mean
                     bow_loss = torch.zeros((), device=device)
                     if out.bow_logits is not None:
                         bow_loss = bag_of_words_loss(out.bow_logits, batch.bow_targets)

@@ -74,6 +74,9 @@ TRAIN_FLAGS = {
     "--trunk-pretrain-tags": ("train", "trunk_pretrain_tags", int),
     "--trunk-pretrain-crop": ("train", "trunk_pretrain_crop", float),
     "--trunk-pretrain-loss": ("train", "trunk_pretrain_loss", str),
+    "--scst-epochs": ("train", "scst_epochs", int),
+    "--scst-lr": ("train", "scst_lr", float),
+    "--scst-samples": ("train", "scst_samples", int),
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),

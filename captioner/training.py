@@ -42,6 +42,7 @@ from .engine import EpochTotals, NonFiniteLossError, compile_training_forward, e
 from .feature_cache import FeatureStore, records_digest, tensors_digest
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
+from .scst import SelfCriticalBatches, check_scst_settings, then_constant
 from .text import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -308,8 +309,10 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     payload = load_checkpoint(resume) if resume else None
     if payload is not None:
         saved = RunConfig.from_saved(payload["config"], source=f"checkpoint {resume}")
-        # What a resume may change: how long, where to write, which device, how often to checkpoint.
-        for key in ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes"):
+        # What a resume may change: how long, where to write, which device, how often to checkpoint, and the
+        # self-critical epochs after the cross-entropy ones (a finished run can be given some).
+        for key in ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes", "scst_epochs", "scst_lr",
+                    "scst_samples"):
             setattr(saved.train, key, getattr(cfg.train, key))
         cfg = saved
     out = check_writable_folder(cfg.train.out)
@@ -354,8 +357,10 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     optimizer = make_optimizer(model.param_groups(t.lr, t.encoder_lr, t.weight_decay), t.lr)
     steps_per_epoch = math.ceil(sampler.per_process / t.batch_size)  # batches; updates: / accumulate
     updates_per_epoch = math.ceil(steps_per_epoch / t.accumulate)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(t.epochs * updates_per_epoch, max(1, int(t.warmup_epochs * updates_per_epoch))))
+    check_scst_settings(t)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, then_constant(
+        warmup_cosine(t.epochs * updates_per_epoch, max(1, int(t.warmup_epochs * updates_per_epoch))),
+        t.epochs * updates_per_epoch, t.scst_lr / t.lr if t.scst_epochs else 0.0))
     checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
     if payload is None and start_weights == "none" and model.encoder.has_frozen_prefix:
@@ -380,10 +385,15 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         forward = compile_training_forward(forward or model.forward_train)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
     with StopSignals() as stop:
-        for epoch in range(start_epoch, t.epochs + 1):
+        for epoch in range(start_epoch, t.epochs + t.scst_epochs + 1):
             started = time.time()
             totals = totals or EpochTotals()
             sampler.set_epoch(epoch, start=min(totals.batches * t.batch_size, sampler.per_process))
+            self_critical = epoch > t.epochs  # the cross-entropy epochs are done: sample, score, reinforce
+            batches = train_loader
+            if self_critical:
+                batches = SelfCriticalBatches(train_loader, model, tokenizer, device, t.scst_samples,
+                                              cfg.model.max_len, t.seed, epoch, totals, stores.get("train"))
 
             def after_batch(so_far: EpochTotals, epoch: int = epoch) -> None:
                 stopping = not dist.all_true(stop.received is None, device)  # all processes stop together
@@ -394,7 +404,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                     stop.received = stop.received or signal.SIGTERM
                 stop.raise_if_received(f"at epoch {epoch}, batch {so_far.batches} of {steps_per_epoch}", out)
 
-            stats = train_one_epoch(model, train_loader, optimizer, scheduler, device, epoch, t.label_smoothing,
+            stats = train_one_epoch(model, batches, optimizer, scheduler, device, epoch, t.label_smoothing,
                                     t.clip_grad, progress, stores.get("train"), totals=totals, on_batch=after_batch,
                                     nonfinite=t.on_nonfinite, forward=forward, dist=dist, accumulate=t.accumulate,
                                     ema=ema, cpu_bf16=t.cpu_bf16)
@@ -410,7 +420,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             for store in stores.values():
                 store.flush()
             metrics, captions = evaluation.metrics, evaluation.captions
-            record = {"epoch": epoch, **stats, **{f"val_{k}": v for k, v in metrics.items()},
+            record = {"epoch": epoch, "phase": "scst" if self_critical else "cross_entropy", **stats,
+                      **{f"val_{k}": v for k, v in metrics.items()},
                       "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
                       "images_per_second": round(stats["images"] / max(train_seconds, 1e-9), 2),
                       "epoch_seconds": round(time.time() - started, 2),
@@ -546,10 +557,11 @@ def _extract(model, loaders: dict[str, DataLoader], stores: dict[str, FeatureSto
 
 
 def _summed_over_processes(totals: EpochTotals, dist: Distributed, device: torch.device) -> EpochTotals:
-    loss_sum, bow_sum, tokens, images, skipped = dist.sum(
-        [totals.loss_sum, totals.bow_sum, totals.tokens, totals.images, totals.skipped_images], device)
+    loss_sum, bow_sum, tokens, images, skipped, reward_sum, rewards = dist.sum(
+        [totals.loss_sum, totals.bow_sum, totals.tokens, totals.images, totals.skipped_images, totals.reward_sum,
+         totals.rewards], device)
     return EpochTotals(loss_sum, bow_sum, int(tokens), int(images), totals.batches, totals.steps, int(skipped),
-                       totals.nonfinite_steps)
+                       totals.nonfinite_steps, reward_sum, int(rewards))
 
 
 def _restore(payload: dict[str, Any], path: str, model, optimizer, scheduler, steps_per_epoch: int, out: Path,

@@ -114,9 +114,10 @@ def test_every_shipped_variant_is_a_valid_train_configuration():
 
 
 def test_pretraining_rounds_keep_their_meaning_over_the_shipped_recipe():
-    """Rounds 3 to 5 are run over configs/flickr8k_scratch.json, which now pre-trains the trunk for 40 epochs:
+    """Rounds 3 to 6 are run over configs/flickr8k_scratch.json, which now pre-trains the trunk for 40 epochs:
     each variant must still pre-train exactly as its name in the README's tables says (none for the recipe rows
-    of round 3, N epochs for ptN), or a rerun would quietly measure something else."""
+    of round 3, N epochs for ptN) and train self-critically only where it says so (scstN: N epochs, lrX: that
+    learning rate), or a rerun would quietly measure something else."""
     import re
 
     from captioner.cli import build_parser
@@ -126,8 +127,12 @@ def test_pretraining_rounds_keep_their_meaning_over_the_shipped_recipe():
     shipped = config_from_args(build_parser().parse_args(["train", "--config", str(recipe)]))
     assert shipped.train.trunk_pretrain_epochs == 40
     for round_file in ("flickr8k_ablation_round3.json", "flickr8k_ablation_round4.json",
-                       "flickr8k_ablation_round5.json"):
+                       "flickr8k_ablation_round5.json", "flickr8k_ablation_round6.json"):
         for name, flags in json.loads((REPO / "configs" / round_file).read_text()).items():
             cfg = config_from_args(build_parser().parse_args(["train", "--config", str(recipe), *flags]))
             named = re.match(r"pt(\d+)", name)
             assert cfg.train.trunk_pretrain_epochs == (int(named.group(1)) if named else 0), (round_file, name)
+            scst, lr = re.search(r"scst(\d+)", name), re.search(r"_lr([\d.e-]+)", name)
+            assert cfg.train.scst_epochs == (int(scst.group(1)) if scst else 0), (round_file, name)
+            if scst:
+                assert cfg.train.scst_lr == (float(lr.group(1)) if lr else shipped.train.scst_lr), (round_file, name)

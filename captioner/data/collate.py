@@ -36,12 +36,16 @@ class Batch:
     # `images` are placeholders until DeviceDecodingLoader decodes them to image_size x image_size.
     jpegs: list[tuple[int, torch.Tensor]] | None = None
     image_size: int = 0
+    # (C,) float: each caption's weight in the loss, for captions sampled from the model (scst.py: their
+    # advantages, which may be negative); None for human captions, which all weigh the same
+    row_weights: torch.Tensor | None = None
 
     def _map(self, fn) -> "Batch":
         maybe = lambda t: None if t is None else fn(t)  # noqa: E731
         return Batch(fn(self.images), fn(self.tokens_in), fn(self.targets), fn(self.caption_image_index),
                      self.captions, self.image_ids, self.paths, self.indices, self.skipped, maybe(self.bow_targets),
-                     maybe(self.features), maybe(self.has_features), self.jpegs, self.image_size)
+                     maybe(self.features), maybe(self.has_features), self.jpegs, self.image_size,
+                     maybe(self.row_weights))
 
     def to(self, device: torch.device) -> "Batch":
         """Tensors to `device` (JPEG bytes stay on the CPU, where nvjpeg reads them)."""
@@ -67,7 +71,8 @@ class Batch:
                      self.targets.index_select(0, caption_keep), owners.index_select(0, caption_keep),
                      [self.captions[r] for r in keep], [self.image_ids[r] for r in keep],
                      [self.paths[r] for r in keep], [self.indices[r] for r in keep], self.skipped + len(dropped),
-                     pick(self.bow_targets), pick(self.features), pick(self.has_features), None, self.image_size)
+                     pick(self.bow_targets), pick(self.features), pick(self.has_features), None, self.image_size,
+                     None if self.row_weights is None else self.row_weights.index_select(0, caption_keep))
 
 
 class CaptionCollate:
@@ -101,19 +106,29 @@ class CaptionCollate:
                 chosen = self._sample(encoded, it.get("seed"))
                 rows += chosen
                 owners += [image_row] * len(chosen)
-        length = max((len(r) for r in rows), default=0) + 1
-        tokens_in = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
-        targets = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
-        for i, ids in enumerate(rows):
-            tokens_in[i, 0] = BOS_ID
-            tokens_in[i, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
-            targets[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            targets[i, len(ids)] = EOS_ID
+        tokens_in, targets = teacher_forcing_tensors(rows)
         jpegs = [(row, it["jpeg"]) for row, it in enumerate(good) if it.get("jpeg") is not None]
         return Batch(images, tokens_in, targets, torch.tensor(owners, dtype=torch.long),
                      [list(it["captions"]) for it in good], [it["image_id"] for it in good],
                      [it["path"] for it in good], [it["index"] for it in good], skipped, bow, features, has_features,
                      jpegs or None, max((it.get("image_size", 0) for it in good), default=0))
+
+
+def teacher_forcing_tensors(captions: Sequence[Sequence[int]], ended: Sequence[bool] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids of C captions (no bos/eos) -> tokens_in (C, T) = bos + caption and targets (C, T) = caption + eos,
+    right-padded with PAD to T = longest + 1. `ended[i]` False leaves caption i without its eos target (a caption
+    cut off at a length limit never chose to end); by default every caption ends."""
+    length = max((len(ids) for ids in captions), default=0) + 1
+    tokens_in = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
+    targets = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
+    for row, ids in enumerate(captions):
+        tokens_in[row, 0] = BOS_ID
+        tokens_in[row, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
+        targets[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        if ended is None or ended[row]:
+            targets[row, len(ids)] = EOS_ID
+    return tokens_in, targets
 
 
 def _stack_pixels_and_features(items: Sequence[dict]):
