@@ -60,3 +60,16 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(syn
             assert torch.allclose(expected[name].float(), got[name].float(), atol=2e-4, rtol=1e-3), (key, name)
     model, tokenizer, cfg = load_model(tmp_path / "two" / "best.pt")
     assert cfg.model.vocab_size == tokenizer.vocab_size
+
+
+def test_torchrun_self_critical_epochs_train_on_every_process_and_report_their_summed_rewards(synthetic_dataset,
+                                                                                             tmp_path):
+    """Each process samples and scores captions for its share of every batch; the epoch's figures are the run's."""
+    args = [*train_args(synthetic_dataset, tmp_path / "two", 8), "--epochs", "1", "--scst-epochs", "1"]
+    double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "-m", "captioner.cli", *args])
+    assert double.returncode == 0, double.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["phase"]) for r in log] == [(1, "cross_entropy"), (2, "scst")]
+    assert log[1]["images"] == 48 and 0.0 < log[1]["scst_reward"] < 1.0
+    assert log[1]["val_num_images"] == 8
