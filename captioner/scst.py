@@ -14,10 +14,11 @@ advantages: the checkpointing, resuming, multi-process and non-finite handling o
 unchanged. `SelfCriticalBatches` turns a training loader's batches into such batches, sampling from the model as
 it is when the training loop asks for the batch.
 
-The reward is the caption's sentence BLEU-4 as the evaluation computes it (coco-caption's clipped n-gram counts
-and closest-reference brevity penalty, on the same normalised words), with precisions of orders 2-4 add-one
-smoothed (Lin and Och, 2004): unsmoothed, most captions of a model at corpus BLEU-4 0.15 have no 4-gram match and
-would all score 0, leaving nothing to rank them by.
+The reward (`--scst-reward`) is the caption's sentence BLEU-4 as the evaluation computes it (`bleu`, default:
+coco-caption's clipped n-gram counts and closest-reference brevity penalty, on the same normalised words), with
+precisions of orders 2-4 add-one smoothed (Lin and Och, 2004): unsmoothed, most captions of a model at corpus
+BLEU-4 0.15 have no 4-gram match and would all score 0, leaving nothing to rank them by. Or it is the caption's
+CIDEr-D (`cider`, cider.py) with document frequencies from the training captions, the reward most SCST work uses.
 """
 
 from __future__ import annotations
@@ -31,11 +32,16 @@ import torch
 from .data.collate import Batch, teacher_forcing_tensors
 from .data.sampling import mix_seed
 from .decoding import DecodeOptions
+from .cider import CiderD
 from .engine import EpochTotals, decode_cached
 from .metrics import MAX_ORDER, image_stats
 from .text import Tokenizer, caption_words
 
 _SAMPLING_STREAM = 2  # keeps the SCST samples' random stream apart from the data's (see data/sampling.py)
+REWARDS = ("bleu", "cider")
+
+# reward(samples' words, the references' words) -> one reward per sample, all for one image
+Reward = Callable[[Sequence[Sequence[str]], Sequence[Sequence[str]]], list[float]]
 
 
 def sentence_reward(hypothesis: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -53,6 +59,21 @@ def sentence_reward(hypothesis: Sequence[str], references: Sequence[Sequence[str
         log_precision += math.log((stats.matches[order] + 1) / (stats.guesses[order] + 1))
     brevity = min(0.0, 1.0 - stats.ref_len / stats.hyp_len)  # log of the brevity penalty
     return math.exp(log_precision / MAX_ORDER + brevity)
+
+
+def make_reward(kind: str, training_references: Sequence[Sequence[str]] = ()) -> Reward:
+    """The reward `kind` names: "bleu" (sentence_reward) or "cider" (CIDEr-D with document frequencies from
+    `training_references`, each image's reference captions as raw text)."""
+    if kind == "bleu":
+        return lambda samples, references: [sentence_reward(words, references) for words in samples]
+    if kind != "cider":
+        raise ValueError(f"unknown self-critical reward {kind!r}; choose one of {', '.join(REWARDS)}")
+    cider = CiderD([[caption_words(c) for c in captions] for captions in training_references])
+
+    def cider_reward(samples, references):
+        reference_vectors = [cider.vector(words) for words in references]  # once for the image's K samples
+        return [cider.score_vectors(cider.vector(words), reference_vectors) for words in samples]
+    return cider_reward
 
 
 def leave_one_out_advantages(rewards: torch.Tensor) -> torch.Tensor:
@@ -76,12 +97,14 @@ class SelfCriticalBatches:
     """
 
     def __init__(self, loader: Iterable[Batch], model, tokenizer: Tokenizer, device: torch.device, samples: int,
-                 max_len: int, seed: int, epoch: int, totals: EpochTotals, feature_store=None):
+                 max_len: int, seed: int, epoch: int, totals: EpochTotals, feature_store=None,
+                 reward: Reward | None = None):
         if samples < 2:
             raise ValueError(f"self-critical training needs at least 2 samples per image, got {samples}")
         self.loader, self.model, self.tokenizer, self.device = loader, model, tokenizer, device
         self.samples, self.seed, self.epoch, self.totals = samples, seed, epoch, totals
         self.feature_store = feature_store
+        self.reward = reward or make_reward("bleu")
         # Generated tokens, eos included: bos + the rest must fit the decoder's max_len positions
         self.options = DecodeOptions(sample=True, num_return=samples, max_len=max_len - 1)
 
@@ -103,8 +126,8 @@ class SelfCriticalBatches:
             self.model.train(was_training)
         samples = [h.tokens for per_image in hypotheses for h in per_image]  # (B * K) lists, image-major
         references = [[caption_words(c) for c in captions] for captions in batch.captions]  # as BLEU sees them
-        rewards = torch.tensor([[sentence_reward(caption_words(self.tokenizer.decode(h.tokens)), refs)
-                                 for h in per_image] for per_image, refs in zip(hypotheses, references)])  # (B, K)
+        rewards = torch.tensor([self.reward([caption_words(self.tokenizer.decode(h.tokens)) for h in per_image], refs)
+                                for per_image, refs in zip(hypotheses, references)], dtype=torch.float32)  # (B, K)
         self.totals.reward_sum += float(rewards.sum())
         self.totals.rewards += rewards.numel()
         # A sample as long as the limit was cut off there: it gets no eos target
@@ -125,6 +148,8 @@ def check_scst_settings(train_cfg) -> None:
                              f"image), got {train_cfg.scst_samples}")
     if train_cfg.scst_epochs and train_cfg.scst_lr <= 0:
         raise CaptionerError(f"--scst-lr must be positive, got {train_cfg.scst_lr}")
+    if train_cfg.scst_reward not in REWARDS:
+        raise CaptionerError(f"--scst-reward must be one of {', '.join(REWARDS)}, got {train_cfg.scst_reward!r}")
     if train_cfg.scst_epochs and train_cfg.lr <= 0:  # the schedule scales every group's --lr by scst_lr / lr
         raise CaptionerError(f"--scst-epochs needs a positive --lr, got {train_cfg.lr}")
 

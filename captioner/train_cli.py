@@ -77,11 +77,12 @@ TRAIN_FLAGS = {
     "--scst-epochs": ("train", "scst_epochs", int),
     "--scst-lr": ("train", "scst_lr", float),
     "--scst-samples": ("train", "scst_samples", int),
+    "--scst-reward": ("train", "scst_reward", str),
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
            "--decoder": ("transformer", "lstm"), "--bow-input": ("grid", "memory"), "--on-nonfinite": ("stop", "skip"),
-           "--trunk-pretrain-loss": ("sigmoid", "softmax")}
+           "--trunk-pretrain-loss": ("sigmoid", "softmax"), "--scst-reward": ("bleu", "cider")}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -42,7 +42,7 @@ from .engine import EpochTotals, NonFiniteLossError, compile_training_forward, e
 from .feature_cache import FeatureStore, records_digest, tensors_digest
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
-from .scst import SelfCriticalBatches, check_scst_settings, then_constant
+from .scst import SelfCriticalBatches, check_scst_settings, make_reward, then_constant
 from .text import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         # What a resume may change: how long, where to write, which device, how often to checkpoint, and the
         # self-critical epochs after the cross-entropy ones (a finished run can be given some).
         for key in ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes", "scst_epochs", "scst_lr",
-                    "scst_samples"):
+                    "scst_samples", "scst_reward"):
             setattr(saved.train, key, getattr(cfg.train, key))
         cfg = saved
     out = check_writable_folder(cfg.train.out)
@@ -384,6 +384,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     if t.compile:  # the training forward only; decoding steps stay eager (their shapes change every step)
         forward = compile_training_forward(forward or model.forward_train)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
+    reward = None  # the self-critical epochs' reward, made at the first of them
     with StopSignals() as stop:
         for epoch in range(start_epoch, t.epochs + t.scst_epochs + 1):
             started = time.time()
@@ -392,8 +393,9 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             self_critical = epoch > t.epochs  # the cross-entropy epochs are done: sample, score, reinforce
             batches = train_loader
             if self_critical:
+                reward = reward or make_reward(t.scst_reward, [r.captions for r in train_records])
                 batches = SelfCriticalBatches(train_loader, model, tokenizer, device, t.scst_samples,
-                                              cfg.model.max_len, t.seed, epoch, totals, stores.get("train"))
+                                              cfg.model.max_len, t.seed, epoch, totals, stores.get("train"), reward)
 
             def after_batch(so_far: EpochTotals, epoch: int = epoch) -> None:
                 stopping = not dist.all_true(stop.received is None, device)  # all processes stop together

@@ -200,3 +200,29 @@ def test_a_run_killed_inside_a_self_critical_epoch_resumes_to_the_same_weights(s
     assert reference_log[1]["train_loss"] != 0.0, "the samples' advantages were all zero: nothing was reinforced"
     for key in ("phase", "scst_reward", "train_loss", "val_Bleu_4"):
         assert [r.get(key) for r in log] == [r.get(key) for r in reference_log], key
+
+
+def test_the_cider_reward_scores_each_sample_with_the_training_captions_frequencies():
+    from captioner.cider import CiderD
+    from captioner.scst import make_reward
+    from captioner.text import caption_words
+
+    training = [["A red circle on the left.", "a red ball"], ["a blue square", "A blue box at the top."]]
+    reward = make_reward("cider", training)
+    references = [caption_words(c) for c in training[0]]
+    samples = [caption_words("a red circle on the left"), caption_words("a blue box")]
+    expected = CiderD([[caption_words(c) for c in captions] for captions in training])
+    assert reward(samples, references) == pytest.approx([expected.score(s, references) for s in samples])
+    assert reward(samples, references)[0] > reward(samples, references)[1]
+    assert make_reward("bleu")(samples, references) == [sentence_reward(s, references) for s in samples]
+    with pytest.raises(ValueError, match="unknown self-critical reward"):
+        make_reward("rouge")
+
+
+def test_scst_with_the_cider_reward_trains_and_logs_it(synthetic_dataset, tmp_path):
+    assert _train(synthetic_dataset, tmp_path / "run", "--epochs", "1", "--scst-epochs", "1", "--lr", "3e-3",
+                  "--scst-reward", "cider") == 0
+    log = _log(tmp_path / "run")
+    assert [r["phase"] for r in log] == ["cross_entropy", "scst"] and log[1]["scst_reward"] >= 0.0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["scst_reward"] == "cider"
