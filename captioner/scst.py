@@ -34,6 +34,7 @@ from .data.sampling import mix_seed
 from .decoding import DecodeOptions
 from .cider import CiderD
 from .engine import EpochTotals, decode_cached
+from .errors import CaptionerError
 from .metrics import MAX_ORDER, image_stats
 from .text import Tokenizer, caption_words
 
@@ -99,8 +100,6 @@ class SelfCriticalBatches:
     def __init__(self, loader: Iterable[Batch], model, tokenizer: Tokenizer, device: torch.device, samples: int,
                  max_len: int, seed: int, epoch: int, totals: EpochTotals, feature_store=None,
                  reward: Reward | None = None):
-        if samples < 2:
-            raise ValueError(f"self-critical training needs at least 2 samples per image, got {samples}")
         self.loader, self.model, self.tokenizer, self.device = loader, model, tokenizer, device
         self.samples, self.seed, self.epoch, self.totals = samples, seed, epoch, totals
         self.feature_store = feature_store
@@ -139,8 +138,6 @@ class SelfCriticalBatches:
 
 def check_scst_settings(train_cfg) -> None:
     """Refuse self-critical settings that cannot train, naming the flag."""
-    from .errors import CaptionerError
-
     if train_cfg.scst_epochs < 0:
         raise CaptionerError(f"--scst-epochs must be 0 (off) or more, got {train_cfg.scst_epochs}")
     if train_cfg.scst_epochs and train_cfg.scst_samples < 2:

@@ -384,7 +384,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     if t.compile:  # the training forward only; decoding steps stay eager (their shapes change every step)
         forward = compile_training_forward(forward or model.forward_train)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
-    reward = None  # the self-critical epochs' reward, made at the first of them
+    reward = make_reward(t.scst_reward, [r.captions for r in train_records]) if t.scst_epochs else None
     with StopSignals() as stop:
         for epoch in range(start_epoch, t.epochs + t.scst_epochs + 1):
             started = time.time()
@@ -393,7 +393,6 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             self_critical = epoch > t.epochs  # the cross-entropy epochs are done: sample, score, reinforce
             batches = train_loader
             if self_critical:
-                reward = reward or make_reward(t.scst_reward, [r.captions for r in train_records])
                 batches = SelfCriticalBatches(train_loader, model, tokenizer, device, t.scst_samples,
                                               cfg.model.max_len, t.seed, epoch, totals, stores.get("train"), reward)
 
