@@ -98,14 +98,17 @@ class CaptionCollate:
         images, features, has_features = _stack_pixels_and_features(good)
         rows, owners, bow = [], [], None
         if self.tokenizer is not None:
-            bow = torch.zeros(len(good), self.tokenizer.vocab_size)
+            bow_rows, bow_ids = [], []  # (image row, token id) of every token of every caption: one scatter
             for image_row, it in enumerate(good):
                 encoded = [self.tokenizer.encode(c) for c in it["captions"]]
                 for ids in encoded:
-                    bow[image_row, ids] = 1.0
+                    bow_rows += [image_row] * len(ids)
+                    bow_ids += ids
                 chosen = self._sample(encoded, it.get("seed"))
                 rows += chosen
                 owners += [image_row] * len(chosen)
+            bow = torch.zeros(len(good), self.tokenizer.vocab_size)
+            bow[torch.tensor(bow_rows, dtype=torch.long), torch.tensor(bow_ids, dtype=torch.long)] = 1.0
         tokens_in, targets = teacher_forcing_tensors(rows)
         jpegs = [(row, it["jpeg"]) for row, it in enumerate(good) if it.get("jpeg") is not None]
         return Batch(images, tokens_in, targets, torch.tensor(owners, dtype=torch.long),
@@ -120,14 +123,15 @@ def teacher_forcing_tensors(captions: Sequence[Sequence[int]], ended: Sequence[b
     right-padded with PAD to T = longest + 1. `ended[i]` False leaves caption i without its eos target (a caption
     cut off at a length limit never chose to end); by default every caption ends."""
     length = max((len(ids) for ids in captions), default=0) + 1
-    tokens_in = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
-    targets = torch.full((len(captions), length), PAD_ID, dtype=torch.long)
+    # Rows built as Python lists and converted once: a tensor per caption cost ~25 us each, 30 ms a batch
+    rows_in, rows_out = [], []
     for row, ids in enumerate(captions):
-        tokens_in[row, 0] = BOS_ID
-        tokens_in[row, 1 : len(ids) + 1] = torch.tensor(ids, dtype=torch.long)
-        targets[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        if ended is None or ended[row]:
-            targets[row, len(ids)] = EOS_ID
+        ids = list(ids)
+        padding = [PAD_ID] * (length - 1 - len(ids))
+        rows_in.append([BOS_ID] + ids + padding)
+        rows_out.append(ids + [EOS_ID if ended is None or ended[row] else PAD_ID] + padding)
+    tokens_in = torch.tensor(rows_in, dtype=torch.long).view(len(captions), length)
+    targets = torch.tensor(rows_out, dtype=torch.long).view(len(captions), length)
     return tokens_in, targets
 
 
