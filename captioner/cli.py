@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "pixels; smaller images are kept at their size (default: %(default)s, the default --image-size "
                    "of train)")
     p.add_argument("--quality", type=int, default=85, help="JPEG/WebP quality (default: %(default)s)")
+    p.add_argument("--square", action="store_true", help="stretch every image to exactly SIZE x SIZE, as training "
+                   "resizes it, so loading does no resizing (for training at --image-size SIZE)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: os.cpu_count())")
 
     p = sub.add_parser("bleu-bench", help="checkpoints x beam sizes x length penalties on one split: tables, plot")

@@ -174,7 +174,8 @@ def make_synthetic(args) -> int:
 def pack_images(args) -> int:
     from .pack import pack_images as pack
 
-    summary = pack(args.source, args.destination, size=args.size, quality=args.quality, workers=args.workers)
+    summary = pack(args.source, args.destination, size=args.size, quality=args.quality, workers=args.workers,
+                   square=args.square)
     if summary.unreadable:  # each was named on stderr as it was met
         print(f"captioner pack-images: {summary.unreadable} of {summary.images} image(s) could not be read and "
               "were not written", file=sys.stderr)

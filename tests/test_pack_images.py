@@ -12,11 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from captioner.cli import main
 from captioner.data import load_coco, load_flickr8k, load_image
-from captioner.pack import pack_images
+from captioner.data.dataset import CaptionDataset
+from captioner.pack import SETTINGS_FILE, pack_images
 from conftest import SHARED_DATA
 
 FLICKR8K = SHARED_DATA / "flickr8k"
@@ -64,7 +66,8 @@ def _coco_tree(root: Path) -> Path:
 
 
 def _files(root: Path) -> dict[Path, Path]:
-    return {p.relative_to(root): p for p in sorted(root.rglob("*")) if p.is_file()}
+    """The mirrored files (not the note of how DST was packed, which SRC does not have)."""
+    return {p.relative_to(root): p for p in sorted(root.rglob("*")) if p.is_file() and p.name != SETTINGS_FILE}
 
 
 def test_flickr8k_tree_packs_and_loads_the_same(tmp_path):
@@ -73,6 +76,7 @@ def test_flickr8k_tree_packs_and_loads_the_same(tmp_path):
     counts = (summary.images, summary.packed, summary.up_to_date, summary.unreadable, summary.other_files)
     assert counts == (5, 5, 0, 0, 3)
     assert summary.bytes_after == sum(p.stat().st_size for p in _files(dst).values())
+    assert json.loads((dst / SETTINGS_FILE).read_text()) == {"size": SIZE, "quality": 85, "square": False}
     assert _files(dst).keys() == _files(src).keys()  # same tree, same names (tall.JPG keeps its case)
     for name in ("Flickr8k.token.txt", "Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt"):
         assert (dst / "Flickr8k_text" / name).read_bytes() == (src / "Flickr8k_text" / name).read_bytes()
@@ -145,6 +149,40 @@ def test_rerun_is_incremental_and_cleans_up_after_a_killed_run(tmp_path, capsys)
     assert (third["packed"], third["up_to_date"]) == (2, 3)
     assert sorted(p.name for p in packed.iterdir()) == ["alpha.png", "phone.jpeg", "small.jpg", "tall.JPG", "wide.jpg"]
     assert load_image(packed / "small.jpg").size == (20, 30)
+
+
+def test_square_copies_are_training_size_and_load_without_resizing(tmp_path):
+    src, dst = _flickr_tree(tmp_path / "src"), tmp_path / "dst"
+    summary = pack_images(src, dst, size=SIZE, workers=1, progress=False, square=True)
+    assert (summary.images, summary.packed, summary.unreadable) == (5, 5, 0)
+    packed = dst / "Flicker8k_Dataset"
+    sizes = {p.name: Image.open(p).size for p in packed.iterdir()}
+    assert sizes == {"wide.jpg": (32, 32), "tall.JPG": (32, 32), "small.jpg": (20, 30),  # never enlarged
+                     "phone.jpeg": (32, 32), "alpha.png": (32, 32)}
+    before, after = load_flickr8k(src, "train"), load_flickr8k(dst, "train")
+    assert [(r.image_id, r.captions) for r in after] == [(r.image_id, r.captions) for r in before]
+    # Training reads a square copy's stored picture as it is: no resizing left to do when loading
+    for item in CaptionDataset(after, SIZE):
+        stored = torch.from_numpy(np.array(load_image(item["path"]))).permute(2, 0, 1)  # (3, H, W)
+        if stored.shape[1:] == (SIZE, SIZE):
+            assert torch.equal(item["image"], stored)
+
+
+def test_a_copy_is_not_added_to_with_other_settings(tmp_path, capsys):
+    src, dst = _flickr_tree(tmp_path / "src"), tmp_path / "dst"
+    base = ["pack-images", str(src), str(dst), "--workers", "1"]
+    assert main(base + ["--size", str(SIZE)]) == 0
+    capsys.readouterr()
+    before = {path: path.read_bytes() for path in _files(dst).values()}
+    for other, words in [(["--size", str(SIZE), "--square"], f"--size {SIZE} --quality 85 --square"),
+                         (["--size", "64"], "--size 64 --quality 85"),
+                         (["--size", str(SIZE), "--quality", "70"], f"--size {SIZE} --quality 70")]:
+        assert main(base + other) == 2
+        err = capsys.readouterr().err
+        assert f"'{dst}' was packed with --size {SIZE} --quality 85, this run asks for {words};" in err
+    assert {path: path.read_bytes() for path in _files(dst).values()} == before  # untouched
+    assert main(base + ["--size", str(SIZE)]) == 0  # the same settings again: an incremental run
+    assert json.loads(capsys.readouterr().out)["up_to_date"] == 5
 
 
 def test_refusals_exit_2_and_name_the_paths(tmp_path, capsys):
