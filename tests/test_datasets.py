@@ -16,6 +16,7 @@ from captioner.data import (
     CaptionDataset, ImageRecord, TrainAugment, images, list_images, load_coco, load_flickr8k, load_image,
     load_karpathy, normalize, resize_to_tensor,
 )
+from captioner.data.images import load_image_tensor
 from captioner.errors import DatasetFormatError, ImageReadError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -211,6 +212,53 @@ def test_load_image_applies_exif_orientation(tmp_path):
     assert load_image(tmp_path / "phone.jpg").size == (20, 40)
 
 
+# --- load_image_tensor: what datasets read -----------------------------------------------------------
+def _same_as_pil(path: Path, size: int) -> bool:
+    return torch.equal(load_image_tensor(path, size), resize_to_tensor(load_image(path), size))
+
+
+def test_load_image_tensor_reads_training_size_jpegs_without_pil(tmp_path, monkeypatch):
+    """A plain JPEG stored at S x S (pack-images --square) is decoded straight to a tensor, PIL's decode unused,
+    with the pixels PIL gives; other files and sizes take the PIL path."""
+    square = _noise(tmp_path / "square.jpg", (32, 32), quality=90)
+    progressive = _noise(tmp_path / "progressive.jpg", (32, 32), quality=80, progressive=True)
+    Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32)).save(tmp_path / "gray.jpg")
+    expected = {p: resize_to_tensor(load_image(p), 32) for p in (square, progressive, tmp_path / "gray.jpg")}
+
+    def no_pil_decoding(*args):
+        raise AssertionError("decoded by PIL")
+
+    monkeypatch.setattr(images, "_decode", no_pil_decoding)
+    for path, pixels in expected.items():
+        assert torch.equal(load_image_tensor(path, 32), pixels), path.name
+    with pytest.raises(AssertionError, match="decoded by PIL"):  # another size must be resized: PIL's path
+        load_image_tensor(square, 16)
+    monkeypatch.undo()
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": turned like load_image turns it
+    others = [_noise(tmp_path / "wide.jpg", (40, 24)), _noise(tmp_path / "square.png", (32, 32)),
+              _noise(tmp_path / "phone.jpg", (32, 32), exif=exif.tobytes())]
+    Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    for path in [*others, tmp_path / "cmyk.jpg", square]:
+        assert _same_as_pil(path, 32) and _same_as_pil(path, 20), path.name
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p.write_bytes(b""), "empty"),
+    (lambda p: p.write_bytes(_noise(p, (64, 64), fmt="JPEG").read_bytes()[:600]), "truncated"),
+    (lambda p: p.write_text("<html>404 not found</html>"), "not a recognised image"),
+    (lambda p: None, "not found"),
+    (lambda p: p.mkdir(), "folder"),
+])
+def test_load_image_tensor_failures_name_the_file(tmp_path, make, problem):
+    path = tmp_path / "photo_x.jpg"
+    make(path)
+    with pytest.raises(ImageReadError, match="photo_x.jpg") as err:
+        load_image_tensor(path, 64)  # the truncated file claims 64 x 64: the fast path fails, PIL names it
+    assert problem in str(err.value)
+
+
 def test_list_images(tmp_path):
     (tmp_path / "d" / "sub").mkdir(parents=True)
     for name in ("d/b.JPG", "d/a.png", "d/sub/c.webp", "d/notes.txt", "d/._a.jpg", "odd.tiff"):
@@ -354,6 +402,17 @@ def test_real_coco_mini():
     assert len(records) == 80 and all(len(r.captions) == 5 and r.path.is_file() for r in records)
     item = CaptionDataset(records[:1], image_size=32, strict=True)[0]
     assert item["image"].shape == (3, 32, 32)
+
+
+def test_real_photos_decode_to_the_same_pixels_by_either_path():
+    """The training-size fast path (torchvision's decode_jpeg) and PIL give every real photo the same pixels."""
+    root = _shared("flickr8k")
+    photos = sorted((root / "Flicker8k_Dataset").glob("*.jpg"))[::100] + sorted(_shared("coco-mini").rglob("*.jpg"))
+    for path in photos:
+        data = path.read_bytes()
+        assert images._jpeg_size(data) == Image.open(path).size, path
+        pixels = images._decode_plain_jpeg(data)
+        assert pixels is not None and torch.equal(pixels, torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1))
 
 
 def test_real_flickr8k():

@@ -54,11 +54,11 @@ def config(dataset, out, cache, **train):
 def decodes(monkeypatch):
     """Image decodes per training epoch (calibration and validation not counted)."""
     calls, per_epoch = [], []
-    real_load, real_epoch = dataset_module.load_image, training.train_one_epoch
+    real_load, real_epoch = dataset_module.load_image_tensor, training.train_one_epoch
 
-    def counting_load(path):
+    def counting_load(path, image_size):
         calls.append(path)
-        return real_load(path)
+        return real_load(path, image_size)
 
     def counting_epoch(*args, **kwargs):
         before = len(calls)
@@ -66,7 +66,7 @@ def decodes(monkeypatch):
         per_epoch.append(len(calls) - before)
         return result
 
-    monkeypatch.setattr(dataset_module, "load_image", counting_load)
+    monkeypatch.setattr(dataset_module, "load_image_tensor", counting_load)
     monkeypatch.setattr(training, "train_one_epoch", counting_epoch)
     return per_epoch
 
@@ -122,8 +122,8 @@ def test_evaluate_reads_the_validation_features_its_training_run_cached(syntheti
     args = ["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--dataset", "coco", "--captions",
             str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images), "--device", "cpu"]
     decoded = []
-    real_load = dataset_module.load_image
-    monkeypatch.setattr(dataset_module, "load_image", lambda path: decoded.append(path) or real_load(path))
+    real_load = dataset_module.load_image_tensor
+    monkeypatch.setattr(dataset_module, "load_image_tensor", lambda path, size: decoded.append(path) or real_load(path, size))
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["num_images"] == 8
     assert decoded == []  # every validation image came from the cache

@@ -16,10 +16,10 @@ from torch.utils.data import Dataset
 
 from ..errors import ImageReadError
 from .device_decode import encoded_jpeg
-from .images import load_image
+from .images import load_image_tensor
 from .records import ImageRecord
 from .sampling import ItemKey
-from .transforms import TrainAugment, resize_to_tensor, swap_left_right
+from .transforms import TrainAugment, swap_left_right
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class CaptionDataset(Dataset):
         if cached is not None:
             return cached
         try:
-            image = resize_to_tensor(load_image(record.path), self.image_size)
+            image = load_image_tensor(record.path, self.image_size)
         except ImageReadError as exc:
             if self.strict:
                 raise
