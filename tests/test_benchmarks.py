@@ -47,6 +47,21 @@ def test_train_benchmark_times_the_frozen_trunk_from_packed_copies():
     assert "frozen_from_packed_jpeg_vs_baseline" in result and "frozen_from_jpeg" not in result
 
 
+def test_train_benchmark_times_loading_alone_and_the_frozen_trunk_from_square_copies():
+    from captioner.benchmarks.train import TrainBenchmarkOptions, run_train_benchmark
+
+    opts = TrainBenchmarkOptions(device="cpu", images=12, batch_size=4, batches=2, image_size=32, workers=0,
+                                 captions_per_image=2, pack_size=32,
+                                 only=("loading_from_jpeg", "loading_from_square_jpeg", "frozen_from_square_jpeg"))
+    result = run_train_benchmark(opts)
+    assert result["pack_square"]["images"] == 12 and "pack" not in result  # the shorter-side copy was not needed
+    assert result["frozen_from_square_jpeg"]["images"] == 8 and "frozen_from_square_jpeg_vs_baseline" in result
+    for name in ("loading_from_jpeg", "loading_from_square_jpeg"):
+        assert result[name]["images"] == 8 and result[name]["images_per_s"] > 0, name
+        assert f"{name}_vs_baseline" not in result  # no training step in it: not comparable with the baseline
+    assert "loading_from_packed_jpeg" not in result and "frozen_from_jpeg" not in result
+
+
 def test_train_benchmark_rounds_time_each_setting_again_and_report_its_median_round():
     from captioner.benchmarks.train import TrainBenchmarkOptions, run_train_benchmark
 

@@ -7,6 +7,11 @@ Every figure comes from the project's own training step (`engine.train_one_epoch
 - baseline: frozen trunk run in every step, fp32, PIL decoding in the training process, no cache;
 - frozen_from_jpeg: frozen trunk, PIL decoding in DataLoader workers, pinned memory, channels_last, bf16 autocast
   on CUDA;
+- with `--pack-size S`: frozen_from_packed_jpeg, the same from copies packed to a shorter side of S
+  (`pack-images --size S`), and frozen_from_square_jpeg, from copies stretched to S x S (`pack-images --size S
+  --square`), which leave the workers no resizing to do;
+- loading_from_jpeg (and with `--pack-size`, loading_from_packed_jpeg and loading_from_square_jpeg): the DataLoader
+  alone, no model, with the same workers: the most images/s a step fed from those files could reach;
 - CUDA only: frozen_gpu_decode (workers read bytes, nvjpeg decodes and resizes the batch on the GPU) and
   frozen_gpu_decode_prefetch (the same, decoding batch k+1 on a side stream while batch k trains);
 - finetune_from_jpeg: the whole trunk trained (`--trainable-layers 5`), with the fastest loading of the device;
@@ -110,12 +115,13 @@ def coco_sized_images(folder: Path, count: int, seed: int = 0, processes: int = 
     return [r for captions, images in parts for r in load_coco(captions, images)]
 
 
-def packed_copies(records: list[ImageRecord], source: Path, destination: Path, size: int) -> dict:
-    """The images under `source` packed into `destination` as `captioner pack-images --size size` packs them
-    (quality 85), `records` pointed at the copies (same captions), and what the packing cost."""
+def packed_copies(records: list[ImageRecord], source: Path, destination: Path, size: int,
+                  square: bool = False) -> dict:
+    """The images under `source` packed into `destination` as `captioner pack-images --size size [--square]`
+    packs them (quality 85), `records` pointed at the copies (same captions), and what the packing cost."""
     from ..pack import pack_images
 
-    summary = pack_images(source, destination, size=size, progress=False)
+    summary = pack_images(source, destination, size=size, progress=False, square=square)
     packed = [ImageRecord(r.image_id, destination / Path(r.path).relative_to(source), r.captions) for r in records]
     return {"records": packed, "pack": {"size": size, "images": summary.packed, "seconds": summary.seconds,
                                         "images_per_s": round(summary.packed / max(summary.seconds, 1e-9), 1),
@@ -209,6 +215,20 @@ def _time_extraction(model, loader, store: FeatureStore, device: torch.device) -
     return {"images_per_s": round(count / seconds, 1), "images": count, "seconds": round(seconds, 3)}
 
 
+def _time_loading(loader, batches: int, warmup: int) -> dict:
+    """The DataLoader alone, no model: how many images/s its workers (and, on CUDA, the pinning thread) deliver,
+    i.e. the most a training step fed by it could reach."""
+    batches_in = iter(loader)
+    for _ in islice(batches_in, warmup):
+        pass
+    started, images = time.perf_counter(), 0
+    for batch in islice(batches_in, batches):
+        images += len(batch.image_ids)
+    seconds = time.perf_counter() - started
+    del batches_in
+    return {"images_per_s": round(images / seconds, 1), "images": images, "seconds": round(seconds, 3)}
+
+
 def _feature_shape(model, image_size: int, device: torch.device) -> tuple[int, ...]:
     with torch.no_grad():
         return tuple(model.encoder.forward_prefix(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
@@ -258,18 +278,25 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
 
         measure("baseline", lambda: timed(frozen, _loader(records, tokenizer, opts, device, 0),
                                           opts.baseline_batches or opts.batches, autocast=False))
-        measure_twins("frozen_from_jpeg", lambda forward, o: timed(
-            frozen, _loader(records, tokenizer, o, device, opts.workers), warmup=warmup, forward=forward))
-        if opts.pack_size and (wanted_family("frozen_from_packed_jpeg") or wanted("frozen_gpu_decode_prefetch_packed")):
-            packed = packed_copies(records, Path(tmp) / "images", Path(tmp) / "packed", opts.pack_size)
-            result["pack"] = packed["pack"]
-            measure_twins("frozen_from_packed_jpeg", lambda forward, o: timed(
-                frozen, _loader(packed["records"], tokenizer, o, device, opts.workers), warmup=warmup,
-                forward=forward))
-            if cuda and wanted("frozen_gpu_decode_prefetch_packed"):
-                measure("frozen_gpu_decode_prefetch_packed", lambda: timed(
-                    frozen, _loader(packed["records"], tokenizer, opts, device, opts.workers, "prefetch"),
-                    warmup=warmup))
+        sources = {"jpeg": records}  # the images each from_* setting reads
+        if opts.pack_size:
+            for name, square in (("packed_jpeg", False), ("square_jpeg", True)):
+                if wanted_family(f"frozen_from_{name}") or wanted(f"loading_from_{name}") or (
+                        name == "packed_jpeg" and wanted("frozen_gpu_decode_prefetch_packed")):
+                    packed = packed_copies(records, Path(tmp) / "images", Path(tmp) / name, opts.pack_size, square)
+                    result["pack" if name == "packed_jpeg" else "pack_square"] = packed["pack"]
+                    sources[name] = packed["records"]
+        for name, images in sources.items():
+            if wanted(f"loading_from_{name}"):
+                measure(f"loading_from_{name}", lambda images=images: _time_loading(
+                    _loader(images, tokenizer, opts, device, opts.workers), opts.batches, warmup))
+        for name, images in sources.items():
+            measure_twins(f"frozen_from_{name}", lambda forward, o, images=images: timed(
+                frozen, _loader(images, tokenizer, o, device, opts.workers), warmup=warmup, forward=forward))
+        if cuda and "packed_jpeg" in sources and wanted("frozen_gpu_decode_prefetch_packed"):
+            measure("frozen_gpu_decode_prefetch_packed", lambda: timed(
+                frozen, _loader(sources["packed_jpeg"], tokenizer, opts, device, opts.workers, "prefetch"),
+                warmup=warmup))
         fastest, threads = "", 1
         if cuda:
             fastest, threads = "prefetch", 1
@@ -366,8 +393,9 @@ def add_arguments(p) -> None:
                    "nvjpeg thread counts (e.g. 4,8)")
     p.add_argument("--only", nargs="+", default=(), metavar="SETTING",
                    help="run only these settings (e.g. frozen_gpu_decode_prefetch_threads4 cached_features)")
-    p.add_argument("--pack-size", type=int, default=0, help="also pack the generated JPEGs to this shorter side "
-                   "(as captioner pack-images does) and time the frozen trunk from those copies (0 = off)")
+    p.add_argument("--pack-size", type=int, default=0, help="also pack the generated JPEGs to this shorter side, "
+                   "and to this square size, as captioner pack-images [--square] does, and time loading and the "
+                   "frozen trunk from those copies (0 = off)")
     p.add_argument("--rounds", type=int, default=defaults.rounds, help="time every setting this many times, in "
                    "turn, and report each one's median round (a shared machine's speed drifts)")
     p.add_argument("--compile", action="store_true", help="also time frozen_from_jpeg, frozen_from_packed_jpeg "
