@@ -161,6 +161,8 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
                                  "while other processes had images; multi-process training cannot skip it")
         if n_images > 0:
             group_has_images = True
+            # Worked out before the batch leaves the host: from GPU tensors it would cost waits for the GPU
+            layout = model.caption_layout(batch.tokens_in, batch.caption_image_index, n_images)
             batch = batch.to(device)
             # A skipped batch must leave no trace, but the forward pass itself updates BatchNorm running statistics
             # (NaN ones, if the trunk overflowed): keep a copy of the buffers (small) to put back.
@@ -171,7 +173,8 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
                 with autocast_for(device, cpu_bf16) if amp else nullcontext():
                     images = prepare_images(batch.images, device)
                     prefix = encode_prefix(model, batch, images, feature_store)
-                    out = forward(images, batch.tokens_in, batch.caption_image_index, prefix)
+                    out = forward(images, batch.tokens_in, batch.caption_image_index, prefix,
+                                  layout=None if layout is None else layout.to(device))
                     caption_loss = caption_loss_of(out.logits, batch, label_smoothing)  # batch mean
                     bow_loss = torch.zeros((), device=device)
                     if out.bow_logits is not None:
@@ -184,12 +187,14 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
                     if out.attention is not None and model.cfg.attention_reg > 0:
                         loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
                                                                                           batch.targets != PAD_ID)
-                if dist.all_true(bool(torch.isfinite(loss)), device):
+                # The step's one look at the losses, before backward: one wait for the GPU rather than one per value
+                loss_value, step_caption_loss, step_bow_loss = torch.stack(
+                    [loss.detach().float(), caption_loss.detach().float(), bow_loss.detach().float()]).tolist()
+                if dist.all_true(math.isfinite(loss_value), device):
                     (loss / group_size).backward()
                     pending += 1
-                    step_caption_loss = caption_loss.item()
                     totals.loss_sum += step_caption_loss * n_tokens
-                    totals.bow_sum += bow_loss.item() * n_images
+                    totals.bow_sum += step_bow_loss * n_images
                     totals.tokens += n_tokens
                     totals.images += n_images
                     bar.set_postfix(loss=f"{step_caption_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.2e}")

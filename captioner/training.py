@@ -156,8 +156,8 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, *args):
-        return self.model.forward_train(*args)
+    def forward(self, *args, **kwargs):
+        return self.model.forward_train(*args, **kwargs)
 
 
 class _Checkpointer:

@@ -193,3 +193,26 @@ def test_captions_read_their_image_keys_in_place_or_copied_with_the_same_result(
     torch.testing.assert_close(attention, own_attention, atol=1e-5, rtol=1e-5)
     assert captions_per_image(index, 2) == (2 if index.tolist() == [0, 0, 1, 1] else 0)
     assert captions_per_image(None, 2) == 1
+
+
+@pytest.mark.parametrize("index", [[0, 0, 1, 1], [0, 1, 0, 1]])
+def test_a_caption_layout_worked_out_beforehand_gives_the_same_logits(index):
+    """The training step works out the captions' layout on the host (CaptionLayout) and hands it to forward_train;
+    the decoder's own working-out from its inputs must give the same logits and gradients."""
+    from captioner.models.transformer import CaptionLayout
+
+    model = tiny_model().train()
+    images, index = torch.randn(2, 3, 64, 64), torch.tensor(index)
+    tokens = _right_padded([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]])
+    layout = CaptionLayout.of(tokens, index, 2)
+    assert layout.groups == (2 if index.tolist() == [0, 0, 1, 1] else 0) and layout.rows.numel() == 4 + 3 + 5 + 2  # bos and the words
+    results = []
+    for given in (None, layout):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        logits = model.forward_train(images, tokens, index, layout=given).logits
+        logits.square().sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
+    for own, given in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(own, given, atol=0, rtol=0)

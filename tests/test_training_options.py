@@ -63,9 +63,9 @@ def test_compile_flag_trains_through_the_compiled_forward(synthetic_dataset, tmp
     compiled = []
 
     def recording_compile(fn, **kwargs):
-        def wrapper(*args):
-            compiled.append(len(args))
-            return fn(*args)
+        def wrapper(*args, **kwargs):
+            compiled.append((len(args), sorted(kwargs)))
+            return fn(*args, **kwargs)
         return wrapper
 
     monkeypatch.setattr(torch, "compile", recording_compile)
@@ -73,7 +73,8 @@ def test_compile_flag_trains_through_the_compiled_forward(synthetic_dataset, tmp
     assert main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
                  str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
                  "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--compile", "--accumulate", "2"]) == 0
-    assert len(compiled) == 3  # every training batch (48 images, batch 16) went through it
+    # every training batch (48 images, batch 16) went through it, with its caption layout worked out on the host
+    assert compiled == [(4, ["layout"])] * 3
 
 
 def test_early_stop_after_patience_epochs_without_improvement(synthetic_dataset, tmp_path, capsys):

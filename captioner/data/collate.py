@@ -40,16 +40,18 @@ class Batch:
     # advantages, which may be negative); None for human captions, which all weigh the same
     row_weights: torch.Tensor | None = None
 
-    def _map(self, fn) -> "Batch":
+    def _map(self, fn, move_has_features: bool = True) -> "Batch":
         maybe = lambda t: None if t is None else fn(t)  # noqa: E731
+        has_features = maybe(self.has_features) if move_has_features else self.has_features
         return Batch(fn(self.images), fn(self.tokens_in), fn(self.targets), fn(self.caption_image_index),
                      self.captions, self.image_ids, self.paths, self.indices, self.skipped, maybe(self.bow_targets),
-                     maybe(self.features), maybe(self.has_features), self.jpegs, self.image_size,
+                     maybe(self.features), has_features, self.jpegs, self.image_size,
                      maybe(self.row_weights))
 
     def to(self, device: torch.device) -> "Batch":
-        """Tensors to `device` (JPEG bytes stay on the CPU, where nvjpeg reads them)."""
-        return self._map(lambda t: t.to(device=device, non_blocking=True))
+        """Tensors to `device`. JPEG bytes stay on the CPU, where nvjpeg reads them, and so does `has_features`:
+        it only steers host-side choices (which rows to compute), and read on a GPU it would make the host wait."""
+        return self._map(lambda t: t.to(device=device, non_blocking=True), move_has_features=False)
 
     def pin_memory(self) -> "Batch":
         """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously."""

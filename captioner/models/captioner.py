@@ -12,7 +12,7 @@ from .bridges import build_bridge
 from .encoder import ResNet18Trunk
 from .state import DecoderState
 from .lstm import LSTMDecoder
-from .transformer import TransformerDecoder
+from .transformer import CaptionLayout, TransformerDecoder
 
 DECODERS = ("transformer", "lstm")
 BOW_INPUTS = ("grid", "memory")
@@ -95,10 +95,11 @@ class Captioner(nn.Module):
     def forward_train(self, images: torch.Tensor | None, tokens_in: torch.Tensor,
                       caption_image_index: torch.Tensor | None = None,
                       prefix_features: torch.Tensor | None = None,
-                      return_attention: bool | None = None) -> TrainOutput:
+                      return_attention: bool | None = None, layout: CaptionLayout | None = None) -> TrainOutput:
         """As forward, plus what the auxiliary losses need. `prefix_features`, the cached output of the frozen
         trunk prefix, replaces `images` when given. The decoder's attention (C, T, N) comes back when
-        `return_attention` says so; by default only when a loss needs it (`regularises_attention`)."""
+        `return_attention` says so; by default only when a loss needs it (`regularises_attention`). `layout`: the
+        captions' layout from caption_layout, worked out on the host (see CaptionLayout)."""
         if prefix_features is None:
             prefix_features = self.encoder.forward_prefix(images)
         grid = self.encoder.forward_suffix(prefix_features)  # (B, C, h, w)
@@ -107,13 +108,22 @@ class Captioner(nn.Module):
         if return_attention is None:
             return_attention = self.regularises_attention
         attention = None
+        extra = {} if layout is None else {"layout": layout}
         if return_attention:
             logits, attention = self.decoder(memory, tokens_in, caption_image_index=caption_image_index,
-                                             return_attention=True)  # (C, T, V), (C, T, N)
+                                             return_attention=True, **extra)  # (C, T, V), (C, T, N)
         else:
-            logits = self.decoder(memory, tokens_in, caption_image_index=caption_image_index)  # (C, T, V)
+            logits = self.decoder(memory, tokens_in, caption_image_index=caption_image_index, **extra)  # (C, T, V)
         bow_logits = None if self.bow_head is None else self.bow_head(self._bow_features(grid_max, memory))  # (B, V)
         return TrainOutput(logits, bow_logits, attention)
+
+    def caption_layout(self, tokens_in: torch.Tensor, caption_image_index: torch.Tensor | None,
+                       num_images: int) -> CaptionLayout | None:
+        """The layout forward_train's decoder needs, from the batch's tensors while they are on the host (see
+        CaptionLayout); None for the LSTM, which needs none."""
+        if self.cfg.decoder != "transformer":
+            return None
+        return CaptionLayout.of(tokens_in, caption_image_index, num_images)
 
     def _bow_features(self, grid_max: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """What the bag-of-words head reads: (B, C) the strongest response of each grid channel anywhere in the

@@ -19,6 +19,7 @@ positions are padding. Only attention sees the (C, T) layout.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,6 +31,15 @@ from .dropout import Dropout
 from .state import DecoderState
 
 
+def real_rows(tokens: torch.Tensor) -> torch.Tensor:
+    """tokens (C, T) right-padded -> (R,) indices into the flattened (C * T) of the real positions: each caption's
+    up to its last non-PAD token (bos included)."""
+    positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)  # (T,)
+    lengths = ((tokens != PAD_ID) * positions).amax(dim=1)  # (C,) 1 + index of the last non-PAD token
+    real = positions[None, :] <= lengths[:, None]  # (C, T)
+    return real.flatten().nonzero().squeeze(1)
+
+
 class TokenPacking:
     """The real positions of right-padded captions (C, T): position-wise layers run on those R rows only, packed
     as (R, F), and attention unpacks them into the (C, T) layout with zeros at the padding.
@@ -37,14 +47,11 @@ class TokenPacking:
     Exact for right padding: under the causal mask a real position attends only to earlier positions, all real,
     so whatever the padding holds never reaches it; logits at padded positions come back as zeros."""
 
-    def __init__(self, tokens: torch.Tensor):
-        """tokens (C, T): a caption's real positions run up to its last non-PAD token (bos included)."""
+    def __init__(self, tokens: torch.Tensor, rows: torch.Tensor | None = None):
+        """tokens (C, T); `rows`: their real_rows when the caller has them already (see CaptionLayout)."""
         c, t = tokens.shape
-        positions = torch.arange(1, t + 1, device=tokens.device)  # (T,)
-        lengths = ((tokens != PAD_ID) * positions).amax(dim=1)  # (C,) 1 + index of the last non-PAD token
-        real = positions[None, :] <= lengths[:, None]  # (C, T)
         self.shape = (c, t)
-        self.rows = real.flatten().nonzero().squeeze(1)  # (R,) row indices into the flattened (C * T)
+        self.rows = real_rows(tokens) if rows is None else rows  # (R,) row indices into the flattened (C * T)
         self.dense = self.rows.numel() == c * t  # nothing to skip: pack and unpack are views
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,6 +82,30 @@ def captions_per_image(caption_image_index: torch.Tensor | None, num_images: int
     groups = captions // num_images
     regular = torch.arange(num_images, device=caption_image_index.device).repeat_interleave(groups)
     return groups if torch.equal(caption_image_index, regular) else 0
+
+
+@dataclass(frozen=True)
+class CaptionLayout:
+    """Where a batch's captions sit: `rows`, their real positions (real_rows), and `groups`, captions_per_image's
+    answer.
+
+    Both decide tensor shapes, so the host must know them, and worked out from tensors on a GPU each one makes the
+    host wait for the GPU to finish everything queued (nonzero's count, torch.equal's answer). The training step
+    therefore works the layout out while the batch is still on the host and hands it to the forward pass
+    (`forward_train(..., layout=...)`); without one, the decoder works it out from its own inputs. It holds only a
+    tensor and an int, so torch.compile sees an input of dynamic size rather than a shape to specialise on."""
+
+    rows: torch.Tensor  # (R,)
+    groups: int
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, caption_image_index: torch.Tensor | None, num_images: int) -> "CaptionLayout":
+        """tokens (C, T) as the decoder gets them; caption_image_index (C,) or None; num_images B."""
+        return cls(real_rows(tokens), captions_per_image(caption_image_index, num_images))
+
+    def to(self, device: torch.device | str) -> "CaptionLayout":
+        """The same layout for the batch once it is on `device` (copied without waiting for the GPU)."""
+        return CaptionLayout(self.rows.to(device, non_blocking=True), self.groups)
 
 
 class Attention(nn.Module):
@@ -197,7 +228,7 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, memory: torch.Tensor, tokens: torch.Tensor, memory_mask=None,
                 caption_image_index: torch.Tensor | None = None, return_attention: bool = False,
-                attention_layer: int = -1):
+                attention_layer: int = -1, layout: CaptionLayout | None = None):
         """memory (B, N, D), tokens (C, T) starting with bos, right-padded -> logits (C, T, V) [, attention
         (C, T, N)]. Logits at padded positions (after a caption's last non-PAD token) are zeros: see TokenPacking.
 
@@ -205,13 +236,15 @@ class TransformerDecoder(nn.Module):
         and values are projected once per image and then shared by that image's captions: read in place when
         every image has the same number of captions in consecutive rows (how collation lays them out), else
         copied to each caption's row. With
-        return_attention, also the cross-attention of layer `attention_layer`, averaged over heads."""
+        return_attention, also the cross-attention of layer `attention_layer`, averaged over heads. `layout`: these
+        tokens' CaptionLayout when the caller has it (worked out on the host); by default worked out here."""
         watched = self.layer_index(attention_layer) if return_attention else None
         cross_mask = memory_attn_mask(memory_mask)
-        groups = captions_per_image(caption_image_index, memory.shape[0])  # 0: irregular, copy per caption
+        if layout is None:
+            layout = CaptionLayout.of(tokens, caption_image_index, memory.shape[0])
+        groups, packing = layout.groups, TokenPacking(tokens, layout.rows)  # groups 0: irregular, keys copied
         if cross_mask is not None and not groups:
             cross_mask = cross_mask.index_select(0, caption_image_index)  # (C, 1, 1, N)
-        packing = TokenPacking(tokens)
         x, attention = packing.pack(self._embed(tokens, 0)), None  # (R, D)
         for i, layer in enumerate(self.layers):
             k, v = layer.cross_attn.keys_values(memory)  # (B, nh, N, hd)
