@@ -41,9 +41,10 @@ def decode_options(args) -> DecodeOptions:
 
 def extract_features(args) -> int:
     """Fill the frozen-prefix feature cache of the run `train` would start with the same flags."""
-    from .train_cli import config_from_args
+    from .train_cli import config_from_args, given_train_settings
 
-    result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress, extract_only=True)
+    result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress, extract_only=True,
+                 resume_changes=given_train_settings(args))
     if result.pop("rank") == 0:
         print(json.dumps(result))
     return 0
@@ -73,12 +74,12 @@ def pretrain_trunk(args) -> int:
 
 def train(args) -> int:
     from .curves import require_tensorboard
-    from .train_cli import config_from_args
+    from .train_cli import config_from_args, given_train_settings
 
     cfg = config_from_args(args)
     if cfg.train.tensorboard:
         require_tensorboard()  # before any work: the missing package is named, not found after an epoch
-    result = fit(cfg, resume=args.resume, progress=not args.no_progress)
+    result = fit(cfg, resume=args.resume, progress=not args.no_progress, resume_changes=given_train_settings(args))
     if result["rank"] == 0:  # under torchrun, one line for the whole run
         print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"],
                           "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"]}))

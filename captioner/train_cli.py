@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from .config import RunConfig
 
@@ -107,3 +109,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if hasattr(args, key):
             setattr(getattr(cfg, section), key, getattr(args, key))
     return cfg
+
+
+def given_train_settings(args: argparse.Namespace) -> set[str]:
+    """The train-section settings this command line sets: by a flag typed, or in the --config file's "train"
+    section. A resumed run takes the others from its checkpoint (fit's `resume_changes`)."""
+    given = {key for section, key, _ in TRAIN_FLAGS.values() if section == "train" and hasattr(args, key)}
+    if args.config:  # already read and checked by config_from_args
+        given |= set(json.loads(Path(args.config).read_text()).get("train", {}))
+    return given

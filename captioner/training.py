@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -283,8 +283,21 @@ def _check_finite_weights(model, epoch: int) -> None:
                                  f"(first: {bad[0]}); the previous checkpoints are left as they were")
 
 
-def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extract_only: bool = False) -> dict[str, Any]:
+RESUME_MAY_CHANGE = ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes", "scst_epochs", "scst_lr",
+                     "scst_samples", "scst_reward")
+"""The train settings a resumed run takes from `cfg` rather than from its checkpoint: how long, where to write,
+which device, how often to checkpoint, and the self-critical epochs after the cross-entropy ones (a finished run
+can be given some)."""
+
+
+def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extract_only: bool = False,
+        resume_changes: Collection[str] | None = None) -> dict[str, Any]:
     """Train per `cfg`; with `resume`, continue from that checkpoint (its config wins for model and data).
+
+    On a resume, `cfg` supplies only the RESUME_MAY_CHANGE settings, and with `resume_changes` only those of them
+    it names (the device always comes from `cfg`): the command line passes the settings the user gave, so that
+    `train --resume RUN/last.pt` alone continues the run as it was set up, in its own folder for its own epochs,
+    rather than with the defaults.
 
     A resumed run continues exactly where the checkpoint left off, mid-epoch included: same data order, same
     caption choices and augmentations, same RNG for dropout; with --deterministic on CPU it ends with the same
@@ -296,24 +309,22 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extrac
     """
     dist, device_name = init_distributed(cfg.train.device)
     try:
-        return _fit(cfg, resume, progress, dist, device_name, extract_only)
+        return _fit(cfg, resume, progress, dist, device_name, extract_only, resume_changes)
     finally:
         shutdown_distributed()
 
 
 def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str,
-         extract_only: bool = False) -> dict[str, Any]:
+         extract_only: bool = False, resume_changes: Collection[str] | None = None) -> dict[str, Any]:
     if not dist.is_main:
         logging.getLogger("captioner").setLevel(logging.WARNING)
         progress = False
     payload = load_checkpoint(resume) if resume else None
     if payload is not None:
         saved = RunConfig.from_saved(payload["config"], source=f"checkpoint {resume}")
-        # What a resume may change: how long, where to write, which device, how often to checkpoint, and the
-        # self-critical epochs after the cross-entropy ones (a finished run can be given some).
-        for key in ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes", "scst_epochs", "scst_lr",
-                    "scst_samples", "scst_reward"):
-            setattr(saved.train, key, getattr(cfg.train, key))
+        for key in RESUME_MAY_CHANGE:
+            if resume_changes is None or key in resume_changes or key == "device":
+                setattr(saved.train, key, getattr(cfg.train, key))
         cfg = saved
     out = check_writable_folder(cfg.train.out)
     if dist.is_main:

@@ -156,3 +156,19 @@ def test_evaluate_all_metrics_per_image_scores_and_report(trained_run, synthetic
     assert [r["scores"]["CIDEr"] for r in rows] == sorted(r["scores"]["CIDEr"] for r in rows)  # worst first
     page = report.read_text()
     assert page.count("data:image/jpeg;base64,") >= 8 and "Worst" in page and "Best" in page
+
+
+def test_a_resume_takes_only_the_train_settings_given_on_its_command_line(tmp_path):
+    """Flags typed and the --config file's train section count as given; the rest of a resumed run's settings
+    come from its checkpoint (see test_resume.py, which resumes with the command a SIGTERM prints)."""
+    import argparse
+
+    from captioner.train_cli import add_train_arguments, given_train_settings
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
+    assert given_train_settings(parser.parse_args(["--resume", "run/last.pt"])) == set()
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({"model": {"dim": 64}, "train": {"epochs": 40, "lr": 5e-4}}))
+    args = parser.parse_args(["--config", str(config), "--scst-epochs", "3", "--image-size", "96"])
+    assert given_train_settings(args) == {"epochs", "lr", "scst_epochs"}  # --image-size is a data setting

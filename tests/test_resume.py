@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -47,14 +48,14 @@ def train_command(dataset, out: Path, resume: bool, checkpoint_every: int = 1) -
     return args
 
 
-def start(args: list[str], kill_at_save: int | None = None) -> subprocess.Popen:
+def start(args: list[str], kill_at_save: int | None = None, cwd: Path | None = None) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     if kill_at_save is None:
         command = [sys.executable, "-m", "captioner.cli", *args]
     else:
         env["KILL_AT_SAVE"] = str(kill_at_save)
         command = [sys.executable, "-c", DIE_DURING_SAVE, *args]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
@@ -120,6 +121,8 @@ def test_sigkill_at_random_points_then_resume_gives_identical_weights(synthetic_
     assert code == 128 + signal.SIGTERM, err
     assert "stopped by SIGTERM" in err and "--resume" in err and "Traceback" not in err
     assert batches_done(out / "last.pt") > 5
+    printed = re.search(r"continue with `captioner (train --resume [^`]+)`", err)
+    assert printed, err
 
     # 4. SIGKILL at a random instant (seeded, so a failure can be replayed) within half a second of the resumed
     # run's first save: in the middle of a training step, a save, or between them.
@@ -129,9 +132,11 @@ def test_sigkill_at_random_points_then_resume_gives_identical_weights(synthetic_
     code, err = finish(proc)
     assert code == -signal.SIGKILL, err
 
-    # 5. The last resume runs to the end.
-    code, err = finish(start(train_command(synthetic_dataset, out, resume=True)))
+    # 5. The last resume, the command the SIGTERM message printed and nothing more, runs the same run to its end:
+    # in its own folder, for its own epochs, with its own settings (not the defaults of flags left out)
+    code, err = finish(start(printed.group(1).split(), cwd=tmp_path))
     assert code == 0, err
+    assert not (tmp_path / "runs").exists()
 
     for name in ("last.pt", "best.pt"):
         for key in ("model", "raw_model"):
