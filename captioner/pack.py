@@ -164,17 +164,19 @@ SETTINGS_FILE = ".captioner-pack.json"
 
 
 def _check_settings(dst: Path, settings: dict) -> None:
-    """Refuse to add to a DST packed with other settings (a DST from before SETTINGS_FILE existed is taken as
-    it is)."""
+    """Refuse to add to a DST packed with other settings, or to a non-empty DST that does not say how it was
+    packed (an older captioner's copy, or files put there by hand): its files would be kept as up to date."""
     path = dst / SETTINGS_FILE
     if not path.is_file():
+        if dst.is_dir() and any(dst.iterdir()):
+            raise CaptionerError(f"'{dst}' is not empty and has no {SETTINGS_FILE} saying how it was packed: pack "
+                                 "into a new folder (or an empty one)")
         return
     try:
         packed_with = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise CaptionerError(f"cannot read '{path}' (how '{dst}' was packed): {exc}; delete it if the copy is "
                              "known to match this run's settings") from None
-    packed_with = {"square": False, **packed_with}  # copies made before --square existed
     if packed_with != settings:
         def flags(s: dict) -> str:
             return f"--size {s.get('size')} --quality {s.get('quality')}" + (" --square" if s.get("square") else "")

@@ -325,6 +325,15 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         for key in RESUME_MAY_CHANGE:
             if resume_changes is None or key in resume_changes or key == "device":
                 setattr(saved.train, key, getattr(cfg.train, key))
+        if resume_changes is not None:
+            if "out" not in resume_changes:  # the folder the checkpoint is in, wherever the resume is run from
+                saved.train.out = str(Path(resume).parent)
+            overridden = sorted(key for key in resume_changes if key not in RESUME_MAY_CHANGE
+                                and getattr(cfg.train, key) != getattr(saved.train, key))
+            if overridden and dist.is_main:
+                log.warning("resuming with the run's own %s (a resume keeps them; given: %s)",
+                            ", ".join(f"{k}={getattr(saved.train, k)!r}" for k in overridden),
+                            ", ".join(f"{k}={getattr(cfg.train, k)!r}" for k in overridden))
         cfg = saved
     out = check_writable_folder(cfg.train.out)
     if dist.is_main:

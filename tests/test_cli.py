@@ -172,3 +172,22 @@ def test_a_resume_takes_only_the_train_settings_given_on_its_command_line(tmp_pa
     config.write_text(json.dumps({"model": {"dim": 64}, "train": {"epochs": 40, "lr": 5e-4}}))
     args = parser.parse_args(["--config", str(config), "--scst-epochs", "3", "--image-size", "96"])
     assert given_train_settings(args) == {"epochs", "lr", "scst_epochs"}  # --image-size is a data setting
+
+
+def test_a_resume_without_out_writes_to_the_checkpoints_folder_and_names_settings_it_keeps(
+        synthetic_dataset, tmp_path, monkeypatch, caplog):
+    d = synthetic_dataset
+    (tmp_path / "first").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "first")
+    assert main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+                 str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+                 "--out", "run", "--epochs", "1", *TINY]) == 0  # a relative --out
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with caplog.at_level("WARNING", logger="captioner"):
+        assert main(["train", "--resume", "../first/run/last.pt", "--epochs", "2", "--lr", "0.5", "--no-progress",
+                     "--device", "cpu"]) == 0
+    log = [json.loads(line) for line in (tmp_path / "first" / "run" / "log.jsonl").read_text().splitlines()]
+    assert [record["epoch"] for record in log] == [1, 2]
+    assert not (tmp_path / "elsewhere" / "run").exists()
+    assert "resuming with the run's own lr=0.001 (a resume keeps them; given: lr=0.5)" in caplog.text

@@ -228,6 +228,7 @@ def test_load_image_tensor_reads_training_size_jpegs_without_pil(tmp_path, monke
     def no_pil_decoding(*args):
         raise AssertionError("decoded by PIL")
 
+    assert images.decoders_agree()  # this installation's torchvision and PIL decode alike (else: PIL only)
     monkeypatch.setattr(images, "_decode", no_pil_decoding)
     for path, pixels in expected.items():
         assert torch.equal(load_image_tensor(path, 32), pixels), path.name
@@ -242,6 +243,24 @@ def test_load_image_tensor_reads_training_size_jpegs_without_pil(tmp_path, monke
     Image.new("CMYK", (32, 32), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
     for path in [*others, tmp_path / "cmyk.jpg", square]:
         assert _same_as_pil(path, 32) and _same_as_pil(path, 20), path.name
+
+
+def test_load_image_tensor_takes_the_pil_path_where_the_decoders_disagree(tmp_path, monkeypatch):
+    square = _noise(tmp_path / "square.jpg", (32, 32), quality=90)
+    monkeypatch.setattr(images, "decoders_agree", lambda: False)
+    monkeypatch.setattr(images, "_decode_plain_jpeg", lambda *args: pytest.fail("fast path used"))
+    assert torch.equal(load_image_tensor(square, 32), resize_to_tensor(load_image(square), 32))
+
+
+def test_jpeg_size_walks_markers_without_a_length():
+    """TEM and RST markers carry no length field; a fill byte may precede a marker; the end of the image or a
+    scan before any frame header means no size."""
+    app0 = b"\xff\xe0\x00\x10JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00"
+    frame = b"\xff\xc2\x00\x11\x08\x00\x30\x00\x40\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01"  # 64 wide, 48 high
+    assert images._jpeg_size(b"\xff\xd8" + app0 + b"\xff\x01\xff\xd3\xff" + frame) == (64, 48)
+    assert images._jpeg_size(b"\xff\xd8" + app0 + b"\xff\xd9" + frame) is None
+    assert images._jpeg_size(b"\xff\xd8" + app0 + b"\xff\xda\x00\x08" + frame) is None
+    assert images._jpeg_size(b"\x89PNG\r\n\x1a\n") is None and images._jpeg_size(b"\xff\xd8" + app0[:5]) is None
 
 
 @pytest.mark.parametrize("make, problem", [
@@ -405,14 +424,17 @@ def test_real_coco_mini():
 
 
 def test_real_photos_decode_to_the_same_pixels_by_either_path():
-    """The training-size fast path (torchvision's decode_jpeg) and PIL give every real photo the same pixels."""
+    """torchvision's decode_jpeg (the training-size fast path) and PIL give every real photo the same pixels, and
+    the hand-read frame header gives PIL's size."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
     root = _shared("flickr8k")
     photos = sorted((root / "Flicker8k_Dataset").glob("*.jpg"))[::100] + sorted(_shared("coco-mini").rglob("*.jpg"))
     for path in photos:
         data = path.read_bytes()
         assert images._jpeg_size(data) == Image.open(path).size, path
-        pixels = images._decode_plain_jpeg(data)
-        assert pixels is not None and torch.equal(pixels, torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1))
+        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        assert torch.equal(pixels, torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1)), path
 
 
 def test_real_flickr8k():

@@ -199,6 +199,7 @@ def test_captions_read_their_image_keys_in_place_or_copied_with_the_same_result(
 def test_a_caption_layout_worked_out_beforehand_gives_the_same_logits(index):
     """The training step works out the captions' layout on the host (CaptionLayout) and hands it to forward_train;
     the decoder's own working-out from its inputs must give the same logits and gradients."""
+    from captioner.models import transformer
     from captioner.models.transformer import CaptionLayout
 
     model = tiny_model().train()
@@ -210,7 +211,11 @@ def test_a_caption_layout_worked_out_beforehand_gives_the_same_logits(index):
     for given in (None, layout):
         model.zero_grad()
         torch.manual_seed(1)  # the same dropout masks
-        logits = model.forward_train(images, tokens, index, layout=given).logits
+        with pytest.MonkeyPatch.context() as patch:
+            if given is not None:  # the decoder must use the layout it is given, not work it out again
+                for name in ("real_rows", "captions_per_image"):
+                    patch.setattr(transformer, name, lambda *args: pytest.fail("layout worked out again"))
+            logits = model.forward_train(images, tokens, index, layout=given).logits
         logits.square().sum().backward()
         results.append((logits.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)

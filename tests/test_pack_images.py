@@ -184,6 +184,10 @@ def test_a_copy_is_not_added_to_with_other_settings(tmp_path, capsys):
     assert main(base + ["--size", str(SIZE)]) == 0  # the same settings again: an incremental run
     assert json.loads(capsys.readouterr().out)["up_to_date"] == 5
 
+    (dst / SETTINGS_FILE).unlink()  # a copy that does not say how it was packed is not added to either
+    assert main(base + ["--size", str(SIZE)]) == 2
+    assert f"'{dst}' is not empty and has no {SETTINGS_FILE}" in capsys.readouterr().err
+
 
 def test_refusals_exit_2_and_name_the_paths(tmp_path, capsys):
     src = _flickr_tree(tmp_path / "src")

@@ -7,8 +7,8 @@ should cost one skipped sample with a clear message, not a crashed epoch or a si
 
 from __future__ import annotations
 
+import functools
 import io
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import BinaryIO
@@ -66,8 +66,8 @@ def load_image_tensor(path: str | Path, image_size: int) -> torch.Tensor:
         raise ImageReadError(f"cannot read image '{path}': {exc.strerror or exc}") from None
     if not data:
         raise ImageReadError(f"cannot read image '{path}': file is empty (0 bytes)")
-    if _jpeg_size(data) == (image_size, image_size):
-        pixels = _decode_plain_jpeg(data)
+    if _jpeg_size(data) == (image_size, image_size) and decoders_agree():
+        pixels = _decode_plain_jpeg(data, image_size)
         if pixels is not None:
             return pixels
     return resize_to_tensor(_decode(io.BytesIO(data), path), image_size)
@@ -75,6 +75,7 @@ def load_image_tensor(path: str | Path, image_size: int) -> torch.Tensor:
 
 _EXIF_ORIENTATION = 0x0112
 _START_OF_FRAME = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_NO_LENGTH = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7 and SOI: markers without a length field
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
@@ -83,40 +84,73 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     if data[:2] != b"\xff\xd8":
         return None
     at = 2
-    while at + 4 <= len(data):
+    while at + 2 <= len(data):
         if data[at] != 0xFF:
             return None
         marker = data[at + 1]
         if marker == 0xFF:  # fill byte
             at += 1
             continue
+        if marker in _NO_LENGTH:
+            at += 2
+            continue
+        if marker in (0xD9, 0xDA) or at + 4 > len(data):  # end of image or start of scan before any frame header
+            return None
         length = int.from_bytes(data[at + 2 : at + 4], "big")
         if marker in _START_OF_FRAME:
             if at + 9 > len(data):
                 return None
             return int.from_bytes(data[at + 7 : at + 9], "big"), int.from_bytes(data[at + 5 : at + 7], "big")
-        if marker == 0xDA or length < 2:  # start of scan before any frame header, or a broken length
+        if length < 2:  # a broken length
             return None
         at += 2 + length
     return None
 
 
-def _decode_plain_jpeg(data: bytes) -> torch.Tensor | None:
-    """uint8 (3, H, W) decoded by torchvision when `data` is an RGB or grayscale JPEG with no EXIF rotation that
-    PIL would also take (within the pixel limit); else None."""
+def _decode_plain_jpeg(data: bytes, image_size: int) -> torch.Tensor | None:
+    """uint8 (3, S, S) decoded by torchvision when `data` is an RGB or grayscale JPEG of S x S pixels with no EXIF
+    rotation; else None. (torchvision >= 0.29 flags its decoders as deprecated, a warning Python's default filters
+    do not show outside __main__.)"""
     try:
-        with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as img:  # lazy: parses the header only
-            warnings.simplefilter("ignore")
-            if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header only
+            if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.size != (image_size, image_size):
                 return None
-            _check_pixels("", img)
+            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                return None
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        with warnings.catch_warnings():  # torchvision >= 0.29 flags its image decoders as moving to TorchCodec
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except Exception:  # a truncated or odd file, or a bomb: load_image's path decodes it and names the problem
+        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except Exception:  # a truncated or odd file: load_image's path decodes it and names the problem
         return None
+    return pixels if pixels.shape == (3, image_size, image_size) else None
+
+
+@functools.cache
+def decoders_agree() -> bool:
+    """Whether torchvision's decode_jpeg gives PIL's pixels in this installation, checked once per process on
+    small JPEGs in each chroma subsampling and in grayscale. Both are normally built on libjpeg-turbo, and then
+    agree to the bit; a build on another libjpeg (some conda packages) may upsample colour differently, and then
+    every image takes the PIL path, so training and captioning always see the same pixels."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        rng = np.random.default_rng(0)
+        smooth = np.linspace(0, 255, 48, dtype=np.float64)
+        base = (smooth[None, :, None] + smooth[:, None, None] * np.array([0.5, 1.0, -0.5])) % 256
+        rgb = np.clip(base + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)  # (48, 48, 3)
+        samples = [(Image.fromarray(rgb), {"subsampling": s}) for s in (0, 1, 2)]
+        samples.append((Image.fromarray(rgb[..., 0]), {}))  # grayscale
+        for image, options in samples:
+            buffer = io.BytesIO()
+            image.save(buffer, "JPEG", quality=85, **options)
+            ours = decode_jpeg(torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            with Image.open(io.BytesIO(buffer.getvalue())) as decoded:
+                theirs = torch.from_numpy(np.array(decoded.convert("RGB"))).permute(2, 0, 1)
+            if not torch.equal(ours, theirs):
+                return False
+        return True
+    except Exception:  # no usable torchvision decoder
+        return False
 
 
 def load_image_bytes(data: bytes, name: str) -> Image.Image:

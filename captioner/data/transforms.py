@@ -8,6 +8,7 @@ Nothing here changes hue (captions say "a red car"), and a mirrored image gets m
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -41,9 +42,15 @@ def normalize(images_uint8: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"normalize expects a uint8 image tensor, got {images_uint8.dtype}")
     if images_uint8.dim() not in (3, 4) or images_uint8.shape[-3] != 3:
         raise ValueError(f"normalize expects (3, S, S) or (B, 3, S, S), got {tuple(images_uint8.shape)}")
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=images_uint8.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32, device=images_uint8.device).view(3, 1, 1)
+    mean, std = _mean_std(images_uint8.device)
     return (images_uint8.float().div_(255.0) - mean).div_(std)
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) float32 mean and std on `device`, made once: not copied from the host at every batch."""
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(3, 1, 1).to(device)  # noqa: E731
+    return as_tensor(IMAGENET_MEAN), as_tensor(IMAGENET_STD)
 
 
 class TrainAugment:

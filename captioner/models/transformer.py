@@ -104,8 +104,12 @@ class CaptionLayout:
         return cls(real_rows(tokens), captions_per_image(caption_image_index, num_images))
 
     def to(self, device: torch.device | str) -> "CaptionLayout":
-        """The same layout for the batch once it is on `device` (copied without waiting for the GPU)."""
-        return CaptionLayout(self.rows.to(device, non_blocking=True), self.groups)
+        """The same layout for the batch once it is on `device`, copied without waiting for the GPU: from pinned
+        memory, since a copy from ordinary memory may wait for the GPU's queue before staging it."""
+        rows = self.rows
+        if torch.device(device).type == "cuda" and rows.device.type == "cpu":
+            rows = rows.pin_memory()
+        return CaptionLayout(rows.to(device, non_blocking=True), self.groups)
 
 
 class Attention(nn.Module):
