@@ -49,6 +49,19 @@ def test_only_plain_jpegs_travel_as_bytes(zoo):
     assert all(kinds[n] is None for n in ("zero_bytes.jpg", "corrupt.jpg", "not_an_image.jpg", "bomb.png"))
 
 
+def test_a_batchs_jpeg_files_travel_from_a_worker_as_one_tensor(zoo):
+    """Each tensor a worker hands over costs a shared-memory segment and a file descriptor: a batch's files go as
+    one tensor, and each row's bytes come back whole and in place."""
+    records, _, _ = zoo
+    dataset = CaptionDataset(records, SIZE, encoded=True)
+    files = {i: dataset[i]["jpeg"] for i in range(len(records)) if dataset[i] and dataset[i].get("jpeg") is not None}
+    loader = DataLoader(dataset, batch_size=len(records), num_workers=1, collate_fn=CaptionCollate(None, 24))
+    batch = next(iter(loader))
+    assert isinstance(batch.jpegs.data, torch.Tensor) and batch.jpegs.data.numel() == sum(f.numel() for f in files.values())
+    rows = {batch.indices[row]: data for row, data in batch.jpegs}
+    assert rows.keys() == files.keys() and all(torch.equal(rows[i], files[i]) for i in files)
+
+
 def test_decoded_batch_matches_cpu_pixels_and_drops_what_cannot_be_read(zoo):
     records, readable, unreadable = zoo
     tokenizer = Tokenizer.train([c for r in records for c in r.captions], vocab_size=60)
