@@ -149,6 +149,7 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     pending, group_has_images = 0, False  # micro-batches with gradients not yet applied; any images this group
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
     for batch in bar:
+        grad_norm_value = None  # read together with the loss when a step has one micro-batch
         totals.batches += 1
         totals.skipped_images += batch.skipped
         group_start = (totals.batches - 1) // accumulate * accumulate + 1
@@ -187,11 +188,21 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
                     if out.attention is not None and model.cfg.attention_reg > 0:
                         loss = loss + model.cfg.attention_reg * doubly_stochastic_penalty(out.attention,
                                                                                           batch.targets != PAD_ID)
-                # The step's one look at the losses, before backward: one wait for the GPU rather than one per value
-                loss_value, step_caption_loss, step_bow_loss = torch.stack(
-                    [loss.detach().float(), caption_loss.detach().float(), bow_loss.detach().float()]).tolist()
-                if dist.all_true(math.isfinite(loss_value), device):
+                # Judging the loss needs its value on the host, a wait for the GPU (which then idles while the host
+                # launches what follows). A step of one micro-batch judges it with the gradient norm, after backward
+                # and clipping: one wait per step. In a group of several, a bad micro-batch is judged before its
+                # gradients join the others', so the rest of the group can still make its update.
+                judged_after_backward = group_size == 1
+                values = [loss, caption_loss, bow_loss]
+                if judged_after_backward:
                     (loss / group_size).backward()
+                    values.append(_clip_gradients(parameters, clip_grad))
+                loss_value, step_caption_loss, step_bow_loss, *norm = torch.stack(
+                    [value.detach().float() for value in values]).tolist()
+                grad_norm_value = norm[0] if norm else None
+                if dist.all_true(math.isfinite(loss_value), device):
+                    if not judged_after_backward:
+                        (loss / group_size).backward()
                     pending += 1
                     totals.loss_sum += step_caption_loss * n_tokens
                     totals.bow_sum += step_bow_loss * n_images
@@ -206,9 +217,9 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
         if not closes_group:
             continue
         if pending:
-            # Clipping at infinity still returns the norm, which is how a non-finite gradient is caught.
-            grad_norm = torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else float("inf"))
-            if torch.isfinite(grad_norm):
+            if grad_norm_value is None:  # a group of several micro-batches: clipped and read now
+                grad_norm_value = float(_clip_gradients(parameters, clip_grad))
+            if math.isfinite(grad_norm_value):
                 optimizer.step()
                 totals.steps += 1
                 if ema is not None:
@@ -222,6 +233,12 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
         if on_batch is not None:
             on_batch(totals)
     return totals.summary()
+
+
+def _clip_gradients(parameters: list[torch.Tensor], clip_grad: float) -> torch.Tensor:
+    """Clip to `clip_grad` (0: no clipping) and return the norm before clipping, a tensor on the device. Clipping
+    at infinity still computes the norm, which is how a non-finite gradient is caught."""
+    return torch.nn.utils.clip_grad_norm_(parameters, clip_grad if clip_grad > 0 else float("inf"))
 
 
 def encode_prefix(model, batch: Batch, images: torch.Tensor, feature_store=None) -> torch.Tensor | None:

@@ -2,9 +2,9 @@
 
 Every wait drains the GPU's queue: the GPU then idles while the host prepares and launches what comes next, so a
 step with many waits runs at the sum of host and GPU time instead of the larger of the two. A step from cached
-features needs exactly two: the losses read once before backward (is the loss finite, and the logged values),
-and the gradient norm's finiteness before the optimizer step. The captions' layout and the cached-row choice are
-worked out on the host (CaptionLayout, Batch.to keeping `has_features` there) precisely so that they add none.
+features needs exactly one: the losses and the gradient norm, read together after backward and clipping, to
+decide whether the optimizer steps. The captions' layout and the cached-row choice are worked out on the host
+(CaptionLayout, Batch.to keeping `has_features` there) precisely so that they add none.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def _cached_batch(model, images: int = 4, captions_per_image: int = 2, size: int
                  torch.ones(images, dtype=torch.bool)).pin_memory()
 
 
-def test_a_training_step_from_cached_features_waits_for_the_gpu_twice():
+def test_a_training_step_from_cached_features_waits_for_the_gpu_once():
     model = tiny_model(trainable_layers=0).to(CUDA).train()
     optimizer = make_optimizer([{"params": [p for p in model.parameters() if p.requires_grad]}], 1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
@@ -56,4 +56,4 @@ def test_a_training_step_from_cached_features_waits_for_the_gpu_twice():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     waits = [f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message).lower()]
-    assert len(waits) == 2 * steps, waits
+    assert len(waits) == steps, waits
