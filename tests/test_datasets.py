@@ -443,3 +443,28 @@ def test_real_flickr8k():
     assert (len(train), len(dev)) == (6000, 1000)
     assert not {r.image_id for r in train} & {r.image_id for r in dev}
     assert all(len(r.captions) == 5 for r in train + dev) and dev[0].path.is_file()
+
+
+class _CollateReportingSharedMemory:
+    """Collates in the worker and reports whether the stacked images were made in shared memory there."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        batch = self.collate(items)
+        return batch, batch.images.is_shared()
+
+
+def test_a_worker_stacks_its_batch_in_shared_memory(tmp_path):
+    """The handover to the training process needs the batch in shared memory: stacked anywhere else, it would
+    be copied once more."""
+    from captioner.data.collate import CaptionCollate
+
+    records = [ImageRecord(i, _noise(tmp_path / f"{i}.jpg", (40, 30)), ("a picture",)) for i in range(4)]
+    loader = torch.utils.data.DataLoader(CaptionDataset(records, 32), batch_size=4, num_workers=1,
+                                         collate_fn=_CollateReportingSharedMemory(CaptionCollate(None, 8)))
+    batch, shared_in_worker = next(iter(loader))
+    assert shared_in_worker and batch.images.shape == (4, 3, 32, 32)
+    in_process, shared_here = _CollateReportingSharedMemory(CaptionCollate(None, 8))([CaptionDataset(records, 32)[0]])
+    assert not shared_here  # without workers nothing is handed over: an ordinary stack
