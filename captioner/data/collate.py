@@ -7,6 +7,7 @@ roughly the cost of one.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
@@ -31,7 +32,7 @@ class JpegBytes:
     def __init__(self, rows: Sequence[int], files: Sequence[torch.Tensor]):
         self.rows = list(rows)
         self.data = torch.cat(list(files)) if files else torch.empty(0, dtype=torch.uint8)  # (sum N_i,)
-        self.ends = torch.tensor([f.numel() for f in files], dtype=torch.long).cumsum(0).tolist()
+        self.ends = list(itertools.accumulate(f.numel() for f in files))  # where each file's bytes end
 
     def __len__(self) -> int:
         return len(self.rows)

@@ -31,12 +31,10 @@ from PIL import Image
 
 from ..errors import ImageReadError
 from .collate import Batch
-from .images import MAX_IMAGE_PIXELS, load_image_bytes
+from .images import is_plain_jpeg, load_image_bytes
 from .transforms import resize_to_tensor
 
 log = logging.getLogger(__name__)
-
-_EXIF_ORIENTATION = 0x0112
 
 
 def encoded_jpeg(path: str | Path) -> torch.Tensor | None:
@@ -46,11 +44,8 @@ def encoded_jpeg(path: str | Path) -> torch.Tensor | None:
         data = Path(path).read_bytes()  # read once: the header is parsed from memory
         with warnings.catch_warnings(), Image.open(io.BytesIO(data)) as img:  # lazy: parses the header only
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # reported by the CPU path
-            orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-            if img.format != "JPEG" or img.mode not in ("RGB", "L") or orientation != 1:
+            if not is_plain_jpeg(img):
                 return None
-            if img.size[0] * img.size[1] > MAX_IMAGE_PIXELS:
-                return None  # the CPU path reports it as a decompression bomb
     except Exception:  # unreadable: the CPU path raises the ImageReadError that names the problem
         return None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)

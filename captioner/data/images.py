@@ -107,15 +107,21 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def is_plain_jpeg(img: Image.Image) -> bool:
+    """Whether an opened (header-only) image is a JPEG that a plain decoder, torchvision's decode_jpeg on the CPU or
+    nvjpeg on a GPU, turns into the picture load_image gives: RGB or grayscale (no CMYK), no EXIF rotation to
+    apply, and within the pixel limit (beyond it, load_image names the file as a decompression bomb)."""
+    return (img.format == "JPEG" and img.mode in ("RGB", "L") and img.size[0] * img.size[1] <= MAX_IMAGE_PIXELS
+            and img.getexif().get(_EXIF_ORIENTATION, 1) == 1)
+
+
 def _decode_plain_jpeg(data: bytes, image_size: int) -> torch.Tensor | None:
     """uint8 (3, S, S) decoded by torchvision when `data` is an RGB or grayscale JPEG of S x S pixels with no EXIF
     rotation; else None. (torchvision >= 0.29 flags its decoders as deprecated, a warning Python's default filters
     do not show outside __main__.)"""
     try:
         with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header only
-            if img.format != "JPEG" or img.mode not in ("RGB", "L") or img.size != (image_size, image_size):
-                return None
-            if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            if img.size != (image_size, image_size) or not is_plain_jpeg(img):
                 return None
         from torchvision.io import ImageReadMode, decode_jpeg
 
