@@ -99,6 +99,7 @@ class TrainConfig:
     scst_lr: float = 5e-5  # constant learning rate of those epochs (the trunk's scaled as encoder_lr / lr)
     scst_samples: int = 5  # captions sampled per image per step (at least 2)
     scst_reward: str = "bleu"  # bleu (smoothed sentence BLEU-4) | cider (CIDEr-D, training captions' frequencies)
+    scst_start: str = "best"  # best (the best cross-entropy epoch's weights, from best.pt) | last (the last epoch's)
 
 
 @dataclass

@@ -63,6 +63,19 @@ class Distributed:
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
 
+    @torch.no_grad()
+    def broadcast_module(self, module: torch.nn.Module) -> None:
+        """Make every process's parameters and buffers of `module` rank 0's, in place."""
+        if not self.enabled:
+            return
+        for tensor in module.state_dict().values():
+            if tensor.is_contiguous():
+                dist.broadcast(tensor, src=0)
+            else:  # channels_last weights: a dense copy travels
+                dense = tensor.contiguous()
+                dist.broadcast(dense, src=0)
+                tensor.copy_(dense)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -56,15 +56,6 @@ class ModelEMA:
         self.module.load_state_dict(state)
         self.updates = int(updates)
 
-    @torch.no_grad()
     def broadcast_from_main(self, dist: Any) -> None:
         """Make every process's average rank 0's (a no-op in a single process)."""
-        if not dist.enabled:
-            return
-        for tensor in self.module.state_dict().values():
-            if tensor.is_contiguous():
-                torch.distributed.broadcast(tensor, src=0)
-            else:  # channels_last weights: a dense copy travels
-                dense = tensor.contiguous()
-                torch.distributed.broadcast(dense, src=0)
-                tensor.copy_(dense)
+        dist.broadcast_module(self.module)

@@ -147,6 +147,8 @@ def check_scst_settings(train_cfg) -> None:
         raise CaptionerError(f"--scst-lr must be positive, got {train_cfg.scst_lr}")
     if train_cfg.scst_reward not in REWARDS:
         raise CaptionerError(f"--scst-reward must be one of {', '.join(REWARDS)}, got {train_cfg.scst_reward!r}")
+    if train_cfg.scst_start not in ("best", "last"):
+        raise CaptionerError(f"--scst-start must be best or last, got {train_cfg.scst_start!r}")
     if train_cfg.scst_epochs and train_cfg.lr <= 0:  # the schedule scales every group's --lr by scst_lr / lr
         raise CaptionerError(f"--scst-epochs needs a positive --lr, got {train_cfg.lr}")
 

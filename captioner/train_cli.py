@@ -80,11 +80,13 @@ TRAIN_FLAGS = {
     "--scst-lr": ("train", "scst_lr", float),
     "--scst-samples": ("train", "scst_samples", int),
     "--scst-reward": ("train", "scst_reward", str),
+    "--scst-start": ("train", "scst_start", str),
 }
 
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
            "--decoder": ("transformer", "lstm"), "--bow-input": ("grid", "memory"), "--on-nonfinite": ("stop", "skip"),
-           "--trunk-pretrain-loss": ("sigmoid", "softmax"), "--scst-reward": ("bleu", "cider")}
+           "--trunk-pretrain-loss": ("sigmoid", "softmax"), "--scst-reward": ("bleu", "cider"),
+           "--scst-start": ("best", "last")}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -284,7 +284,7 @@ def _check_finite_weights(model, epoch: int) -> None:
 
 
 RESUME_MAY_CHANGE = ("epochs", "out", "device", "checkpoint_every", "checkpoint_minutes", "scst_epochs", "scst_lr",
-                     "scst_samples", "scst_reward")
+                     "scst_samples", "scst_reward", "scst_start")
 """The train settings a resumed run takes from `cfg` rather than from its checkpoint: how long, where to write,
 which device, how often to checkpoint, and the self-critical epochs after the cross-entropy ones (a finished run
 can be given some)."""
@@ -405,13 +405,22 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         forward = compile_training_forward(forward or model.forward_train)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
     reward = make_reward(t.scst_reward, [r.captions for r in train_records]) if t.scst_epochs else None
+    cross_entropy_end = cross_entropy_epochs(history, t.epochs)  # fewer than --epochs after an early stop
+    if resume and start_epoch > cross_entropy_end + t.scst_epochs and dist.is_main:
+        log.info("%s has no epoch left to train (cross-entropy epochs: %d%s, self-critical: %d)", resume,
+                 cross_entropy_end, ", stopped early" if cross_entropy_end < t.epochs else "", t.scst_epochs)
     with StopSignals() as stop:
-        for epoch in range(start_epoch, t.epochs + t.scst_epochs + 1):
+        epoch = start_epoch
+        while epoch <= cross_entropy_end + t.scst_epochs:
             started = time.time()
             totals = totals or EpochTotals()
             sampler.set_epoch(epoch, start=min(totals.batches * t.batch_size, sampler.per_process))
-            self_critical = epoch > t.epochs  # the cross-entropy epochs are done: sample, score, reinforce
+            self_critical = epoch > cross_entropy_end  # the cross-entropy epochs are done: sample, score, reinforce
             batches = train_loader
+            if self_critical and epoch == cross_entropy_end + 1 and totals.batches == 0:  # the phase starts
+                skip_to_update(scheduler, max(scheduler.last_epoch, t.epochs * updates_per_epoch))  # --scst-lr
+                if t.scst_start == "best":
+                    restore_best_weights(model, ema, history, [out, Path(resume).parent] if resume else [out], dist)
             if self_critical:
                 batches = SelfCriticalBatches(train_loader, model, tokenizer, device, t.scst_samples,
                                               cfg.model.max_len, t.seed, epoch, totals, stores.get("train"), reward)
@@ -451,9 +460,10 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             best = max(best, metrics["Bleu_4"])
             history.append(record)
             stale = epoch - best_epoch(history)  # epochs since validation BLEU-4 last improved
-            stopping_early = 0 < t.early_stop_patience <= stale and epoch < t.epochs
-            if stopping_early:  # in the record before it is saved: last.pt and log.jsonl say why the run ended
+            stopping_early = 0 < t.early_stop_patience <= stale and epoch < cross_entropy_end
+            if stopping_early:  # in the record before it is saved: last.pt and log.jsonl say why the phase ended
                 record["early_stopped"] = True
+                cross_entropy_end = epoch  # the self-critical epochs, if any, follow at once
             checkpointer.save_epoch(checkpointer.payload(model, optimizer, scheduler, epoch, None, best, history,
                                                          metrics), is_best)
             log.info("epoch %d: loss %.4f, val BLEU-4 %.4f%s, %.1f img/s, e.g. %r", epoch, stats["train_loss"],
@@ -464,9 +474,10 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             stop.raise_if_received(f"after epoch {epoch}", out)
             if stopping_early:
                 log.info("early stop after epoch %d of %d: validation BLEU-4 has not improved for %d epochs "
-                         "(--early-stop-patience %d); best.pt holds epoch %d", epoch, t.epochs, stale,
-                         t.early_stop_patience, best_epoch(history))
-                break
+                         "(--early-stop-patience %d); best.pt holds epoch %d%s", epoch, t.epochs, stale,
+                         t.early_stop_patience, best_epoch(history),
+                         f"; {t.scst_epochs} self-critical epochs follow" if t.scst_epochs else "")
+            epoch += 1
     return {"out": str(out), "best_bleu_4": best, "best_epoch": best_epoch(history), "epochs_run": len(history),
             "stopped_early": bool(history and history[-1].get("early_stopped")), "history": history,
             "rank": dist.rank}
@@ -495,6 +506,65 @@ def pretrained_trunk(cfg: RunConfig, train_records, val_records, out: Path, devi
                              "(--out included) first; this run then reuses its file")
     pretrain_trunk(cfg, train_records, val_records, path, device, progress, settings)
     return path
+
+
+def cross_entropy_epochs(history: list[dict], planned: int) -> int:
+    """The run's number of cross-entropy epochs: `planned` (--epochs), or the epoch whose record says early
+    stopping ended that phase there. The self-critical epochs, if any, follow on from it."""
+    stopped = [r["epoch"] for r in history if r.get("early_stopped")]
+    return min(stopped[0], planned) if stopped else planned
+
+
+def skip_to_update(scheduler, update: int) -> None:
+    """Move a step-indexed learning-rate schedule to `update` and set the optimizer's rates to its value there."""
+    scheduler.last_epoch = update - 1
+    scheduler.step()
+
+
+def restore_best_weights(model: nn.Module, ema: ModelEMA | None, history: list[dict], folders: list[Path],
+                         dist: Distributed) -> None:
+    """Load the best epoch's weights (its best.pt, found in the first of `folders` holding it) into `model`, and
+    into `ema` with a moving average, on every process: where self-critical training starts (--scst-start best).
+
+    Cross-entropy epochs after the best one fit the training captions' wording more than the photos (validation
+    BLEU-4 drifts down while the loss falls), so sampling from them starts from a worse policy; Rennie et al.
+    start from the best cross-entropy model too. The optimizer's moments are kept."""
+    best, last = best_epoch(history), (history[-1]["epoch"] if history else 0)
+    if best in (0, last):  # the same on every process: each holds the same epoch records
+        return
+    problem = None
+    if dist.is_main:  # reads the file; the others receive the weights (no shared folder needed)
+        try:
+            source = _load_best_checkpoint(model, ema, best, last, folders)
+            scores = {r["epoch"]: r.get("val_Bleu_4", float("nan")) for r in history}
+            log.info("self-critical training starts from epoch %d's weights (%s, validation BLEU-4 %.4f), not from "
+                     "the last epoch's (%d, %.4f)", best, source, scores[best], last, scores[last])
+        except CaptionerError as exc:
+            problem = str(exc)
+    problem = dist.broadcast(problem)  # every process raises, rather than waiting for weights that never come
+    if problem:
+        raise CaptionerError(problem)
+    dist.broadcast_module(model)
+    if ema is not None:
+        dist.broadcast_module(ema.module)
+        ema.updates = dist.broadcast(ema.updates)
+
+
+def _load_best_checkpoint(model: nn.Module, ema: ModelEMA | None, best: int, last: int, folders: list[Path]) -> Path:
+    found = [folder / "best.pt" for folder in folders if (folder / "best.pt").is_file()]
+    if not found:
+        raise CaptionerError(f"--scst-start best: no best.pt in {' or '.join(str(f) for f in folders)} to start the "
+                             f"self-critical epochs from (epoch {best}'s weights); use --scst-start last to start "
+                             f"from epoch {last}'s")
+    payload = load_checkpoint(found[0])
+    if payload.get("epoch") != best:
+        raise CaptionerError(f"--scst-start best: {found[0]} holds epoch {payload.get('epoch')}, but this run's log "
+                             f"says epoch {best} scored best; use --scst-start last to start from epoch {last}'s "
+                             "weights")
+    model.load_state_dict(clean_state_dict(payload.get("raw_model", payload["model"])))
+    if ema is not None:
+        ema.load(clean_state_dict(payload["model"]), payload.get("ema_updates", 0))
+    return found[0]
 
 
 def best_epoch(history: list[dict]) -> int:

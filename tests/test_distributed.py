@@ -64,12 +64,16 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(syn
 
 def test_torchrun_self_critical_epochs_train_on_every_process_and_report_their_summed_rewards(synthetic_dataset,
                                                                                              tmp_path):
-    """Each process samples and scores captions for its share of every batch; the epoch's figures are the run's."""
-    args = [*train_args(synthetic_dataset, tmp_path / "two", 8), "--epochs", "1", "--scst-epochs", "1"]
+    """Each process samples and scores captions for its share of every batch; the epoch's figures are the run's.
+    With lr ~0 validation BLEU-4 never improves on epoch 1, so patience 1 ends the cross-entropy epochs after
+    epoch 2 and the self-critical one starts from epoch 1's weights, which rank 0 reads and sends to rank 1."""
+    args = [*train_args(synthetic_dataset, tmp_path / "two", 8), "--epochs", "3", "--lr", "1e-9",
+            "--early-stop-patience", "1", "--scst-epochs", "1", "--scst-lr", "3e-3"]
     double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                   "-m", "captioner.cli", *args])
     assert double.returncode == 0, double.stderr[-3000:]
     log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["phase"]) for r in log] == [(1, "cross_entropy"), (2, "scst")]
-    assert log[1]["images"] == 48 and 0.0 < log[1]["scst_reward"] < 1.0
-    assert log[1]["val_num_images"] == 8
+    assert [(r["epoch"], r["phase"]) for r in log] == [(1, "cross_entropy"), (2, "cross_entropy"), (3, "scst")]
+    assert "self-critical training starts from epoch 1's weights" in double.stderr
+    assert log[2]["images"] == 48 and 0.0 < log[2]["scst_reward"] < 1.0
+    assert log[2]["val_num_images"] == 8

@@ -226,3 +226,76 @@ def test_scst_with_the_cider_reward_trains_and_logs_it(synthetic_dataset, tmp_pa
     assert [r["phase"] for r in log] == ["cross_entropy", "scst"] and log[1]["scst_reward"] >= 0.0
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["train"]["scst_reward"] == "cider"
+
+
+def _state(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_self_critical_training_starts_from_the_best_epochs_weights(tmp_path):
+    """--scst-start best (the default) loads best.pt's epoch into the model (and its moving average); when the last
+    epoch is the best one, or best.pt holds another epoch than the log's best, nothing is loaded unnoticed."""
+    from captioner.checkpoint import save_checkpoint
+    from captioner.config import RunConfig
+    from captioner.distributed import Distributed
+    from captioner.ema import ModelEMA
+    from captioner.errors import CaptionerError
+    from captioner.training import restore_best_weights
+
+    torch.manual_seed(0)
+    best_model, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    ema = ModelEMA(model, 0.9)
+    saved_average = {k: v + 1.0 for k, v in best_model.state_dict().items()}
+    save_checkpoint(tmp_path / "best.pt", {"model": saved_average, "raw_model": best_model.state_dict(),
+                                           "ema_updates": 7, "config": RunConfig().to_dict(), "epoch": 2})
+    history = [{"epoch": 1, "val_Bleu_4": 0.1}, {"epoch": 2, "val_Bleu_4": 0.3}, {"epoch": 3, "val_Bleu_4": 0.2}]
+    last_weights = _state(model)
+
+    restore_best_weights(model, ema, history[:2], [tmp_path], Distributed())  # the last epoch is the best
+    assert all(torch.equal(v, last_weights[k]) for k, v in model.state_dict().items())
+
+    missing = tmp_path / "elsewhere"
+    with pytest.raises(CaptionerError, match="no best.pt in .*elsewhere.*--scst-start last"):
+        restore_best_weights(model, ema, history, [missing], Distributed())
+    with pytest.raises(CaptionerError, match="holds epoch 2, but this run's log says epoch 1"):
+        restore_best_weights(model, ema, [{**history[0], "val_Bleu_4": 0.5}, *history[1:]], [tmp_path],
+                             Distributed())
+
+    restore_best_weights(model, ema, history, [missing, tmp_path], Distributed())  # the resumed run's folder
+    assert all(torch.equal(v, best_model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, saved_average[k]) for k, v in ema.state_dict().items())
+    assert ema.updates == 7
+
+
+def test_early_stopping_ends_the_cross_entropy_epochs_and_the_self_critical_ones_follow(synthetic_dataset,
+                                                                                       tmp_path, caplog):
+    """lr ~0 and no dropout: validation BLEU-4 never improves on epoch 1, so patience 2 ends the cross-entropy
+    phase after epoch 3 of 6; a resume of the stopped run trains nothing more, and one given --scst-epochs goes
+    on with those, from epoch 1's weights at --scst-lr."""
+    import logging
+
+    out = tmp_path / "run"
+    flags = ["--lr", "1e-9", "--trainable-layers", "0", "--dropout", "0", "--val-limit", "2"]
+    assert _train(synthetic_dataset, out, "--epochs", "6", *flags, "--early-stop-patience", "2") == 0
+    assert [(r["epoch"], r.get("early_stopped", False)) for r in _log(out)] == [(1, False), (2, False), (3, True)]
+    stopped = (out / "last.pt").read_bytes()
+
+    assert main(["train", "--resume", str(out / "last.pt"), "--device", "cpu", "--no-progress"]) == 0
+    assert (out / "last.pt").read_bytes() == stopped and len(_log(out)) == 3
+
+    caplog.set_level(logging.INFO, logger="captioner")
+    assert main(["train", "--resume", str(out / "last.pt"), "--device", "cpu", "--no-progress", "--scst-epochs", "1",
+                 "--scst-lr", "1e-3"]) == 0
+    log = _log(out)
+    assert [(r["epoch"], r["phase"]) for r in log] == [(1, "cross_entropy"), (2, "cross_entropy"),
+                                                       (3, "cross_entropy"), (4, "scst")]
+    assert log[3]["lr"] == pytest.approx(1e-3)
+    assert "self-critical training starts from epoch 1's weights" in caplog.text
+
+    one_run = tmp_path / "one_run"  # the same in one command: the self-critical epoch follows the early stop
+    assert _train(synthetic_dataset, one_run, "--epochs", "6", *flags, "--early-stop-patience", "2",
+                  "--scst-epochs", "1", "--scst-lr", "1e-3") == 0
+    log = _log(one_run)
+    assert [(r["epoch"], r["phase"], r.get("early_stopped", False)) for r in log] == [
+        (1, "cross_entropy", False), (2, "cross_entropy", False), (3, "cross_entropy", True), (4, "scst", False)]
+    assert log[3]["lr"] == pytest.approx(1e-3)
