@@ -52,7 +52,8 @@ def extract_features(args) -> int:
 
 def pretrain_trunk(args) -> int:
     """Train the trunk on the captions' words alone and write OUT/trunk_pretrained.pt for --encoder-weights."""
-    from .pretrain import pretrain_trunk as run_pretraining
+    from .pretrain import pretrain_trunk as run_pretraining, pretraining_settings
+    from .shared_trunks import SharedTrunk
     from .train_cli import config_from_args
     from .training import PRETRAINED_TRUNK, seed_everything, train_and_val_records
 
@@ -64,8 +65,12 @@ def pretrain_trunk(args) -> int:
     out = check_writable_folder(cfg.train.out)
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     train_records, val_records = train_and_val_records(cfg)
-    summary = run_pretraining(cfg, train_records, val_records, (out / PRETRAINED_TRUNK).absolute(),
-                              resolve_device(cfg.train.device), progress=not args.no_progress)
+    path, settings = (out / PRETRAINED_TRUNK).absolute(), pretraining_settings(cfg, train_records, val_records)
+    summary = run_pretraining(cfg, train_records, val_records, path, resolve_device(cfg.train.device),
+                              progress=not args.no_progress, settings=settings)
+    if cfg.train.trunk_pretrain_cache:  # for the runs given the same cache and settings
+        with SharedTrunk(Path(cfg.train.trunk_pretrain_cache), settings) as shared:
+            shared.store(path)
     best_map = summary["best_val_map"]
     print(json.dumps({"path": summary["path"], "best_epoch": summary["best_epoch"],
                       "best_val_map": None if math.isnan(best_map) else best_map, "tags": len(summary["tags"])}))

@@ -76,6 +76,7 @@ TRAIN_FLAGS = {
     "--trunk-pretrain-tags": ("train", "trunk_pretrain_tags", int),
     "--trunk-pretrain-crop": ("train", "trunk_pretrain_crop", float),
     "--trunk-pretrain-loss": ("train", "trunk_pretrain_loss", str),
+    "--trunk-pretrain-cache": ("train", "trunk_pretrain_cache", str),
     "--scst-epochs": ("train", "scst_epochs", int),
     "--scst-lr": ("train", "scst_lr", float),
     "--scst-samples": ("train", "scst_samples", int),

@@ -42,6 +42,7 @@ from .engine import EpochTotals, NonFiniteLossError, compile_training_forward, e
 from .feature_cache import FeatureStore, records_digest, tensors_digest
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
+from .shared_trunks import SharedTrunk, stored_settings
 from .scst import SelfCriticalBatches, check_scst_settings, make_reward, then_constant
 from .text import Tokenizer
 
@@ -486,24 +487,33 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
 def pretrained_trunk(cfg: RunConfig, train_records, val_records, out: Path, device: torch.device, progress: bool,
                      dist: Distributed) -> Path:
     """RUN/trunk_pretrained.pt for --trunk-pretrain-epochs (pretrain.py): trained here, or kept from an earlier
-    start of this run when it was made with the same settings from the same images and weights."""
+    start of this run when it was made with the same settings from the same images and weights, or copied from
+    --trunk-pretrain-cache where another run with those settings stored it (shared_trunks.py)."""
     from .pretrain import pretrain_trunk, pretraining_settings
 
     path = (out / PRETRAINED_TRUNK).absolute()
     settings = pretraining_settings(cfg, train_records, val_records)
+    cache = cfg.train.trunk_pretrain_cache
+    if cache and dist.is_main and stored_settings(path) != settings:
+        with SharedTrunk(Path(cache), settings) as shared:  # a run pre-training the same trunk finishes first
+            if shared.copy_to(path):
+                log.info("copied the pre-trained trunk %s, stored by a run with the same settings, images and "
+                         "captions (--trunk-pretrain-cache)", shared.path)
+            elif not dist.enabled:
+                pretrain_trunk(cfg, train_records, val_records, path, device, progress, settings)
+                shared.store(path)
+                return path
+    if cache:
+        dist.barrier()  # the other processes read the copy rank 0 made
     if path.is_file():
-        try:
-            kept = torch.load(path, map_location="cpu", weights_only=True).get("settings")
-        except Exception:  # a torn or foreign file: made again below
-            kept = None
-        if kept == settings:
+        if stored_settings(path) == settings:
             log.info("using the pre-trained trunk %s (same settings, images and captions)", path)
             return path
         log.info("%s was made with other settings, images or captions: pre-training again", path)
     if dist.enabled:
         raise CaptionerError(f"--trunk-pretrain-epochs: pre-training runs in one process, and {path} is missing or "
                              "was made with other settings. Run `captioner pretrain-trunk` with the same flags "
-                             "(--out included) first; this run then reuses its file")
+                             "(--out included, or --trunk-pretrain-cache) first; this run then reuses its file")
     pretrain_trunk(cfg, train_records, val_records, path, device, progress, settings)
     return path
 

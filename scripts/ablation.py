@@ -11,7 +11,10 @@ among them replaces the base instead (FILE relative to the variants file). Each 
     python -m captioner evaluate --checkpoint OUT/NAME/best.pt --dataset flickr8k --root ROOT --split dev \\
         --beam-size 3 --out OUT/NAME/dev_beam3.json
 
-as subprocesses (their output in OUT/NAME/train.log and eval.log), `--parallel K` variants at a time. Flags given
+as subprocesses (their output in OUT/NAME/train.log and eval.log), `--parallel K` variants at a time. Variants
+whose trunk pre-training (--trunk-pretrain-epochs) is the same share one pre-trained trunk: every train gets
+`--trunk-pretrain-cache OUT/pretrained_trunks`, so the first to need it trains it while the others wait, then copy
+it (`--separate-pretraining` turns this off). Flags given
 to this script after `--` go to every `train` after the variant's own (so they win), then `--epochs` (every
 variant trains that many) or `--max-epochs` (a variant whose config asks for more trains that many; one that
 asks for fewer keeps its own), and `--device`. A variant that fails is reported with the tail of its log and does not stop the others; one that
@@ -43,6 +46,7 @@ DEFAULT_BASE = REPO / "configs" / "flickr8k_seed_baseline.json"
 DEFAULT_VARIANTS = REPO / "configs" / "flickr8k_ablation.json"
 KILL_GRACE_SECONDS = 60  # after SIGTERM, time to finish the batch and write last.pt
 TAIL_CHARS = 2000
+SHARED_TRUNKS = "pretrained_trunks"  # OUT/pretrained_trunks: the trunks variants share (train --trunk-pretrain-cache)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -69,6 +73,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-limit", type=int, default=0, help="score only the first N dev images (0 = all)")
     p.add_argument("--skip-done", action="store_true",
                    help="keep the result of a variant whose OUT/NAME/dev_beam3.json exists instead of rerunning it")
+    p.add_argument("--separate-pretraining", action="store_true",
+                   help=f"each variant pre-trains its own trunk (default: variants whose trunk pre-training is the "
+                        f"same share one trunk, trained once, through --trunk-pretrain-cache OUT/{SHARED_TRUNKS})")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = p.parse_args(argv)
     args.extra = extra
@@ -123,8 +130,9 @@ def commands(name: str, config: Path, flags: list[str], args: argparse.Namespace
     epochs = args.epochs
     if not epochs and args.max_epochs:
         epochs = min(args.max_epochs, planned_epochs(config, [*flags, *args.extra]))
+    shared = [] if args.separate_pretraining else ["--trunk-pretrain-cache", str(Path(args.out) / SHARED_TRUNKS)]
     train = [sys.executable, "-m", "captioner", "train", "--config", str(config), "--dataset", "flickr8k",
-             "--root", args.root, "--out", str(run), "--no-progress", *flags, *args.extra,
+             "--root", args.root, "--out", str(run), "--no-progress", *shared, *flags, *args.extra,
              *(["--epochs", str(epochs)] if epochs else []), *device]
     evaluate = [sys.executable, "-m", "captioner", "evaluate", "--checkpoint", str(run / "best.pt"),
                 "--dataset", "flickr8k", "--root", args.root, "--split", "dev", "--beam-size", "3",

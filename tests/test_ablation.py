@@ -84,10 +84,16 @@ def test_dry_run_prints_the_commands_and_max_epochs_caps_only_longer_runs(tmp_pa
                                                                                       "base.json")]
     assert [c[-2:] for c in train] == [["--epochs", "6"], ["--epochs", "4"], ["--epochs", "5"]]
     assert all(c[c.index("--no-progress") + 1 :][-4:-2] == ["--workers", "2"] for c in train)
+    # variants with the same trunk pre-training share one trunk, trained once
+    assert all(c[c.index("--trunk-pretrain-cache") + 1] == "OUT/pretrained_trunks" for c in train)
     evaluate = [line.split() for line in proc.stdout.splitlines() if " evaluate " in line]
     assert [c[c.index("--checkpoint") + 1] for c in evaluate] == [f"OUT/{n}/best.pt" for n in ("base", "short",
                                                                                                  "flagged")]
     assert all(c[c.index("--beam-size") + 1] == "3" and c[c.index("--split") + 1] == "dev" for c in evaluate)
+    cut = proc.args.index("--")
+    separate = subprocess.run([*proc.args[:cut], "--separate-pretraining", *proc.args[cut:]], capture_output=True,
+                              text=True, timeout=60, cwd=tmp_path)
+    assert separate.returncode == 0 and "--trunk-pretrain-cache" not in separate.stdout
 
 
 def test_every_shipped_variant_is_a_valid_train_configuration():
@@ -117,7 +123,7 @@ def test_pretraining_rounds_keep_their_meaning_over_the_shipped_recipe():
     """Rounds 3 to 6 are run over configs/flickr8k_scratch.json, which now pre-trains the trunk for 40 epochs:
     each variant must still pre-train exactly as its name in the README's tables says (none for the recipe rows
     of round 3, N epochs for ptN) and train self-critically only where it says so (scstN: N epochs, lrX: that
-    learning rate), or a rerun would quietly measure something else."""
+    learning rate, from_last: from the last cross-entropy epoch), or a rerun would quietly measure something else."""
     import re
 
     from captioner.cli import build_parser
@@ -136,3 +142,4 @@ def test_pretraining_rounds_keep_their_meaning_over_the_shipped_recipe():
             assert cfg.train.scst_epochs == (int(scst.group(1)) if scst else 0), (round_file, name)
             if scst:
                 assert cfg.train.scst_lr == (float(lr.group(1)) if lr else shipped.train.scst_lr), (round_file, name)
+                assert cfg.train.scst_start == ("last" if "from_last" in name else "best"), (round_file, name)

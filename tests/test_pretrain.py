@@ -164,12 +164,55 @@ def test_pretrain_trunk_command_writes_a_trunk_for_encoder_weights(synthetic_dat
              str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
              "--out", str(tmp_path), "--trunk-pretrain-epochs", "1", "--image-size", "32", "--batch-size", "16",
              "--device", "cpu", "--no-progress"]
-    assert main(flags) == 0
+    assert main([*flags, "--trunk-pretrain-cache", str(tmp_path / "trunks")]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["path"] == str((tmp_path / "trunk_pretrained.pt").absolute()) and printed["best_epoch"] == 1
+    # stored for train runs given the same cache and settings
+    assert [p.read_bytes() for p in (tmp_path / "trunks").glob("*.pt")] == [Path(printed["path"]).read_bytes()]
     assert 0.0 <= printed["best_val_map"] <= 1.0 and printed["tags"] > 0
     trunk = ResNet18Trunk(printed["path"], trainable_layers=5, stages=5)
     saved = torch.load(printed["path"], weights_only=True)["state_dict"]
     assert torch.equal(trunk.suffix[1][0].conv1.weight, saved["layer1.0.conv1.weight"])
     assert main([*flags, "--resume", "x.pt"]) == 2
     assert "cannot resume" in capsys.readouterr().err
+
+
+def test_runs_given_a_trunk_cache_pretrain_each_trunk_once_and_share_it(synthetic_dataset, tmp_path, caplog):
+    cache = tmp_path / "trunks"
+    caplog.set_level(logging.INFO, logger="captioner")
+    assert main([*run_flags(synthetic_dataset, tmp_path / "a"), "--trunk-pretrain-cache", str(cache)]) == 0
+    assert "pre-training the trunk on" in caplog.text
+    first = (tmp_path / "a" / "trunk_pretrained.pt").read_bytes()
+    assert [p.read_bytes() for p in cache.glob("*.pt")] == [first]
+
+    caplog.clear()  # another run with the same pre-training settings copies it (its own captioning differs)
+    assert main([*run_flags(synthetic_dataset, tmp_path / "b"), "--trunk-pretrain-cache", str(cache),
+                 "--dropout", "0.3"]) == 0
+    assert "copied the pre-trained trunk" in caplog.text and "pre-training the trunk on" not in caplog.text
+    assert (tmp_path / "b" / "trunk_pretrained.pt").read_bytes() == first
+
+    caplog.clear()  # other pre-training settings: another trunk, trained and stored beside the first
+    assert main([*run_flags(synthetic_dataset, tmp_path / "c"), "--trunk-pretrain-cache", str(cache),
+                 "--trunk-pretrain-lr", "0.001"]) == 0
+    assert "pre-training the trunk on" in caplog.text and len(list(cache.glob("*.pt"))) == 2
+
+
+def test_a_run_waits_while_another_pretrains_the_same_trunk_and_not_for_another_trunk(tmp_path):
+    import threading
+
+    from captioner.shared_trunks import SharedTrunk
+
+    entered = threading.Event()
+
+    def second_run():
+        with SharedTrunk(tmp_path, {"seed": 0}):
+            entered.set()
+
+    with SharedTrunk(tmp_path, {"seed": 0}):
+        waiting = threading.Thread(target=second_run)
+        waiting.start()
+        assert not entered.wait(0.5), "a second run went in while the first held the same trunk's lock"
+        with SharedTrunk(tmp_path, {"seed": 1}):  # another trunk's lock is free
+            pass
+    waiting.join(10)
+    assert entered.is_set()
