@@ -46,18 +46,26 @@ def prepare_images(images_uint8: torch.Tensor, device: torch.device) -> torch.Te
     return images.contiguous(memory_format=torch.channels_last)
 
 
-def caption_loss_of(logits: torch.Tensor, batch: Batch, label_smoothing: float) -> torch.Tensor:
-    """Cross-entropy per caption token, averaged over the batch's tokens: logits (C, T, V), targets (C, T).
+def caption_loss_of(logits: torch.Tensor, batch: Batch, label_smoothing: float,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy per caption token, averaged over the batch's tokens: logits (C, T, V), targets (C, T). Or
+    logits (R, V) of the positions `rows` (R,) of the flattened (C * T) only (TrainOutput.rows), the same loss.
 
     Captions sampled from the model (self-critical training) come with `row_weights` (C,), their advantages:
     each caption's token losses are multiplied by its weight, which turns the average into the policy-gradient
     loss, and label smoothing does not apply (it would push every sampled caption towards uniform words)."""
-    flat_logits, flat_targets = logits.float().flatten(0, 1), batch.targets.flatten()
+    flat_targets = batch.targets.flatten()  # (C * T)
+    if rows is None:
+        flat_logits = logits.float().flatten(0, 1)  # (C * T, V)
+    else:
+        flat_logits, flat_targets = logits.float(), flat_targets.index_select(0, rows)  # (R, V), (R,)
     if batch.row_weights is None:
         return F.cross_entropy(flat_logits, flat_targets, ignore_index=PAD_ID, label_smoothing=label_smoothing)
     per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=PAD_ID, reduction="none")  # 0 at padding
-    weighted = per_token.view(batch.targets.shape) * batch.row_weights[:, None].to(per_token.dtype)  # (C, T)
-    return weighted.sum() / (batch.targets != PAD_ID).sum().clamp(min=1)
+    weights = batch.row_weights.to(per_token.dtype)  # (C,)
+    caption_of_token = torch.arange(flat_targets.shape[0], device=weights.device) // batch.targets.shape[1] \
+        if rows is None else rows // batch.targets.shape[1]
+    return (per_token * weights[caption_of_token]).sum() / (batch.targets != PAD_ID).sum().clamp(min=1)
 
 
 def bag_of_words_loss(bow_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -175,8 +183,8 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
                     images = prepare_images(batch.images, device)
                     prefix = encode_prefix(model, batch, images, feature_store)
                     out = forward(images, batch.tokens_in, batch.caption_image_index, prefix,
-                                  layout=None if layout is None else layout.to(device))
-                    caption_loss = caption_loss_of(out.logits, batch, label_smoothing)  # batch mean
+                                  layout=None if layout is None else layout.to(device), packed_logits=True)
+                    caption_loss = caption_loss_of(out.logits, batch, label_smoothing, out.rows)  # batch mean
                     bow_loss = torch.zeros((), device=device)
                     if out.bow_logits is not None:
                         bow_loss = bag_of_words_loss(out.bow_logits, batch.bow_targets)

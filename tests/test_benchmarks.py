@@ -117,3 +117,31 @@ def test_train_benchmark_more_batch_sizes_time_twins_in_larger_batches():
     assert result["frozen_from_packed_jpeg_batch6"]["images"] == 12  # a twin named on its own in --only
     assert "frozen_from_packed_jpeg" not in result and "frozen_from_packed_jpeg_batch4" not in result
     assert "cached_features_batch6_vs_baseline" in result
+
+
+def test_packed_loss_benchmark_times_both_losses_on_the_same_batches_and_they_agree(synthetic_dataset, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_ablation import synthetic_as_flickr8k
+
+    repo = Path(__file__).resolve().parents[1]
+    root = synthetic_as_flickr8k(synthetic_dataset, tmp_path / "flickr8k")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"model": {"dim": 32, "heads": 4, "decoder_layers": 1, "trunk_stages": 5,
+                                            "grid_convs": 0}, "data": {"image_size": 64},
+                                  "train": {"vocab_size": 200, "label_smoothing": 0.1}}))
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "benchmark_packed_loss.py"), "--root", str(root),
+                           "--config", str(config), "--batch-size", "8", "--steps", "2", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["same_loss"] is True and result["captions_per_step"] == 40
+    assert 0.0 < result["real_share_of_positions"] <= 1.0
+    assert len(result["rounds_ms_all_positions"]) == len(result["rounds_ms_real_positions"]) == 2
+    assert result["ms_per_step_loss_over_all_positions"] > 0 and result["ms_per_step_loss_over_real_positions"] > 0
+    missing = subprocess.run([sys.executable, str(repo / "scripts" / "benchmark_packed_loss.py"), "--root",
+                              str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "no Flickr8k folder" in missing.stderr

@@ -43,7 +43,8 @@ def test_gradients_reach_every_trainable_parameter(bridge, trunk_stages, trainab
                        grid_convs=grid_convs, bow_weight=bow_weight, decoder=decoder).train()
     images = torch.randn(2, 3, 64, 64)
     tokens = torch.randint(4, 40, (2, 6))
-    logits, bow_logits, _ = model.forward_train(images, tokens)
+    out = model.forward_train(images, tokens)
+    logits, bow_logits = out.logits, out.bow_logits
     loss = logits.logsumexp(-1).mean()
     if bow_weight:
         loss = loss + bow_logits.logsumexp(-1).mean()
@@ -221,3 +222,34 @@ def test_a_caption_layout_worked_out_beforehand_gives_the_same_logits(index):
     torch.testing.assert_close(results[0][0], results[1][0], atol=0, rtol=0)
     for own, given in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(own, given, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("index", [[0, 0, 1, 1], [0, 1, 1, 1]])
+def test_packed_logits_are_the_real_positions_logits_and_train_the_same(index):
+    """What the training loss reads (forward_train(..., packed_logits=True)): the (R, V) logits of the real
+    positions, in the order of `rows`, equal to those positions of the (C, T, V) logits, with the same loss and
+    the same gradients; the LSTM, which does not pack, keeps (C, T, V)."""
+    from captioner.data.collate import Batch, teacher_forcing_tensors
+    from captioner.engine import caption_loss_of
+
+    model = tiny_model().train()
+    images, index = torch.randn(2, 3, 64, 64), torch.tensor(index)
+    tokens, targets = teacher_forcing_tensors([[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], ended=[True] * 4)
+    batch = Batch(images, tokens, targets, index, [["x"]] * 2, [0, 1], ["a.jpg", "b.jpg"], [0, 1], 0)
+    results = []
+    for packed in (False, True):
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks
+        out = model.forward_train(images, tokens, index, packed_logits=packed)
+        loss = caption_loss_of(out.logits, batch, 0.1, out.rows)
+        loss.backward()
+        results.append((out, loss.detach(), [p.grad.clone() for p in model.decoder.parameters()]))
+    (full, full_loss, full_grads), (packed, packed_loss, packed_grads) = results
+    assert full.rows is None and packed.logits.shape == (packed.rows.numel(), full.logits.shape[-1])
+    assert packed.rows.tolist() == [0, 1, 2, 3, 5, 6, 7, 10, 11, 12, 13, 14, 15, 16]  # bos and words of each caption
+    torch.testing.assert_close(packed.logits, full.logits.flatten(0, 1)[packed.rows])
+    torch.testing.assert_close(packed_loss, full_loss)
+    for a, b in zip(full_grads, packed_grads):
+        torch.testing.assert_close(a, b)
+    lstm = tiny_model(decoder="lstm").forward_train(images, tokens, index, packed_logits=True)
+    assert lstm.rows is None and lstm.logits.shape[:2] == tokens.shape

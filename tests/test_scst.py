@@ -68,10 +68,13 @@ def test_weighted_caption_loss_is_the_policy_gradient_loss():
     real = targets != PAD_ID
     expected = -(weights[:, None] * log_probs * real).sum() / real.sum()
     assert caption_loss_of(logits, batch, label_smoothing=0.1) == pytest.approx(float(expected), rel=1e-5)
+    rows = real.flatten().nonzero().squeeze(1)  # the same loss from the real positions' logits alone
+    assert caption_loss_of(logits.flatten(0, 1)[rows], batch, 0.1, rows) == pytest.approx(float(expected), rel=1e-5)
     # Unweighted captions keep the label-smoothed mean cross-entropy
     human = Batch(batch.images, targets, targets, batch.caption_image_index, [["x"]], [0], ["x.jpg"], [0], 0)
     plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=PAD_ID, label_smoothing=0.1)
     assert caption_loss_of(logits, human, label_smoothing=0.1) == pytest.approx(float(plain))
+    assert caption_loss_of(logits.flatten(0, 1)[rows], human, 0.1, rows) == pytest.approx(float(plain))
 
 
 class _Tokens:

@@ -73,8 +73,9 @@ def test_compile_flag_trains_through_the_compiled_forward(synthetic_dataset, tmp
     assert main(["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
                  str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
                  "--out", str(tmp_path / "run"), "--epochs", "1", *TINY, "--compile", "--accumulate", "2"]) == 0
-    # every training batch (48 images, batch 16) went through it, with its caption layout worked out on the host
-    assert compiled == [(4, ["layout"])] * 3
+    # every training batch (48 images, batch 16) went through it, with its caption layout worked out on the host,
+    # asking for the real positions' logits only
+    assert compiled == [(4, ["layout", "packed_logits"])] * 3
 
 
 def test_early_stop_after_patience_epochs_without_improvement(synthetic_dataset, tmp_path, capsys):

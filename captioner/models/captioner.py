@@ -19,9 +19,10 @@ BOW_INPUTS = ("grid", "memory")
 
 
 class TrainOutput(NamedTuple):
-    logits: torch.Tensor  # (C, T, V)
+    logits: torch.Tensor  # (C, T, V); or (R, V) when `rows` is given
     bow_logits: torch.Tensor | None  # (B, V), None without the bag-of-words head
     attention: torch.Tensor | None  # (C, T, N) where the decoder looked, when asked for (see forward_train)
+    rows: torch.Tensor | None = None  # (R,) positions in the flattened (C * T) of packed logits' rows
 
 
 def build_decoder(cfg: ModelConfig) -> nn.Module:
@@ -95,11 +96,16 @@ class Captioner(nn.Module):
     def forward_train(self, images: torch.Tensor | None, tokens_in: torch.Tensor,
                       caption_image_index: torch.Tensor | None = None,
                       prefix_features: torch.Tensor | None = None,
-                      return_attention: bool | None = None, layout: CaptionLayout | None = None) -> TrainOutput:
+                      return_attention: bool | None = None, layout: CaptionLayout | None = None,
+                      packed_logits: bool = False) -> TrainOutput:
         """As forward, plus what the auxiliary losses need. `prefix_features`, the cached output of the frozen
         trunk prefix, replaces `images` when given. The decoder's attention (C, T, N) comes back when
         `return_attention` says so; by default only when a loss needs it (`regularises_attention`). `layout`: the
-        captions' layout from caption_layout, worked out on the host (see CaptionLayout)."""
+        captions' layout from caption_layout, worked out on the host (see CaptionLayout).
+
+        `packed_logits`: where the decoder packs its tokens (the Transformer), the logits of the real positions
+        only, (R, V), with their places in `rows`. The loss needs nothing else, and on Flickr8k's captions about
+        half of a (C, T, V) tensor is padding, each position as costly in the loss as a real one."""
         if prefix_features is None:
             prefix_features = self.encoder.forward_prefix(images)
         grid = self.encoder.forward_suffix(prefix_features)  # (B, C, h, w)
@@ -107,15 +113,21 @@ class Captioner(nn.Module):
         memory = self.memory(grid, grid_max)  # (B, N, D)
         if return_attention is None:
             return_attention = self.regularises_attention
-        attention = None
-        extra = {} if layout is None else {"layout": layout}
+        attention, extra = None, {}
+        packed_logits = packed_logits and self.cfg.decoder == "transformer"
+        if packed_logits:
+            if layout is None:
+                layout = self.caption_layout(tokens_in, caption_image_index, memory.shape[0])
+            extra["packed_logits"] = True
+        if layout is not None:
+            extra["layout"] = layout
         if return_attention:
             logits, attention = self.decoder(memory, tokens_in, caption_image_index=caption_image_index,
-                                             return_attention=True, **extra)  # (C, T, V), (C, T, N)
+                                             return_attention=True, **extra)  # (C, T, V) or (R, V); (C, T, N)
         else:
-            logits = self.decoder(memory, tokens_in, caption_image_index=caption_image_index, **extra)  # (C, T, V)
+            logits = self.decoder(memory, tokens_in, caption_image_index=caption_image_index, **extra)
         bow_logits = None if self.bow_head is None else self.bow_head(self._bow_features(grid_max, memory))  # (B, V)
-        return TrainOutput(logits, bow_logits, attention)
+        return TrainOutput(logits, bow_logits, attention, layout.rows if packed_logits else None)
 
     def caption_layout(self, tokens_in: torch.Tensor, caption_image_index: torch.Tensor | None,
                        num_images: int) -> CaptionLayout | None:

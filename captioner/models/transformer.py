@@ -232,9 +232,11 @@ class TransformerDecoder(nn.Module):
 
     def forward(self, memory: torch.Tensor, tokens: torch.Tensor, memory_mask=None,
                 caption_image_index: torch.Tensor | None = None, return_attention: bool = False,
-                attention_layer: int = -1, layout: CaptionLayout | None = None):
+                attention_layer: int = -1, layout: CaptionLayout | None = None, packed_logits: bool = False):
         """memory (B, N, D), tokens (C, T) starting with bos, right-padded -> logits (C, T, V) [, attention
         (C, T, N)]. Logits at padded positions (after a caption's last non-PAD token) are zeros: see TokenPacking.
+        With `packed_logits`, the logits of the real positions only, (R, V) in the order of `layout.rows`: what
+        the training loss reads, without a (C, T, V) tensor that is half zeros.
 
         caption_image_index (C,) maps each caption to its memory row (C = B when None); cross-attention keys
         and values are projected once per image and then shared by that image's captions: read in place when
@@ -260,7 +262,9 @@ class TransformerDecoder(nn.Module):
                                      packing=packing, query_groups=groups or 1)  # attention (C, T, N)
             else:
                 x = layer(x, self_kv, (k, v), cross_mask, causal=True, packing=packing, query_groups=groups or 1)
-        logits = packing.unpack(self.head(self.norm(x)))  # (R, V) -> (C, T, V)
+        logits = self.head(self.norm(x))  # (R, V)
+        if not packed_logits:
+            logits = packing.unpack(logits)  # (C, T, V)
         return (logits, attention) if return_attention else logits
 
     # --- step interface -------------------------------------------------------------------------------------
