@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -46,6 +47,12 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object], *, durable
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def copy_atomically(source: Path, destination: Path) -> None:
+    """Copy `source` over `destination` whole or not at all, durably. Raises OSError."""
+    with open(source, "rb") as handle:
+        write_atomically(Path(destination), lambda out: shutil.copyfileobj(handle, out), durable=True)
 
 
 def _fsync_folder(folder: Path) -> None:

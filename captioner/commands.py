@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -66,10 +67,12 @@ def pretrain_trunk(args) -> int:
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     train_records, val_records = train_and_val_records(cfg)
     path, settings = (out / PRETRAINED_TRUNK).absolute(), pretraining_settings(cfg, train_records, val_records)
-    summary = run_pretraining(cfg, train_records, val_records, path, resolve_device(cfg.train.device),
-                              progress=not args.no_progress, settings=settings)
-    if cfg.train.trunk_pretrain_cache:  # for the runs given the same cache and settings
-        with SharedTrunk(Path(cfg.train.trunk_pretrain_cache), settings) as shared:
+    cache = cfg.train.trunk_pretrain_cache
+    # With a cache, stored there for the runs given the same settings; they wait for it meanwhile
+    with SharedTrunk(Path(cache), settings) if cache else nullcontext() as shared:
+        summary = run_pretraining(cfg, train_records, val_records, path, resolve_device(cfg.train.device),
+                                  progress=not args.no_progress, settings=settings)
+        if shared is not None:
             shared.store(path)
     best_map = summary["best_val_map"]
     print(json.dumps({"path": summary["path"], "best_epoch": summary["best_epoch"],

@@ -17,14 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .atomic import write_atomically
+from .atomic import copy_atomically
 from .errors import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,7 @@ def settings_key(settings: dict[str, Any]) -> str:
 def copy_file(source: Path, destination: Path) -> None:
     """Copy whole or not at all: a reader never sees half a trunk file."""
     try:
-        with open(source, "rb") as handle:
-            write_atomically(destination, lambda out: shutil.copyfileobj(handle, out), durable=True)
+        copy_atomically(source, destination)
     except OSError as exc:
         raise CaptionerError(f"cannot copy the pre-trained trunk {source} to {destination}: "
                              f"{exc.strerror or exc}") from None
@@ -72,7 +70,8 @@ class SharedTrunk:
         self._lock.__exit__(*exc_info)
 
     def copy_to(self, destination: Path) -> bool:
-        """Copy the cached trunk to `destination` if the cache holds this one; False if it does not."""
+        """Copy the cached trunk to `destination` if the cache holds this one; False if it does not. Safe without
+        the lock too: a stored trunk is always whole (copied atomically)."""
         if stored_settings(self.path) != self.settings:
             return False
         copy_file(self.path, destination)
@@ -91,10 +90,14 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         return
     with open(path, "a") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another run pre-training the same trunk (%s)", path)
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another run pre-training the same trunk (%s)", path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise CaptionerError(f"cannot lock {path} ({exc.strerror or exc}): --trunk-pretrain-cache needs a folder "
+                                 "on a filesystem with file locks") from None
         try:
             yield
         finally:

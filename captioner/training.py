@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from .atomic import copy_atomically
 from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, \
     set_rng_state, tokenizer_from_payload, tokenizer_payload
 from .config import RunConfig
@@ -421,7 +422,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             if self_critical and epoch == cross_entropy_end + 1 and totals.batches == 0:  # the phase starts
                 skip_to_update(scheduler, max(scheduler.last_epoch, t.epochs * updates_per_epoch))  # --scst-lr
                 if t.scst_start == "best":
-                    restore_best_weights(model, ema, history, [out, Path(resume).parent] if resume else [out], dist)
+                    restore_best_weights(model, ema, history, out, [Path(resume).parent] if resume else [], dist)
             if self_critical:
                 batches = SelfCriticalBatches(train_loader, model, tokenizer, device, t.scst_samples,
                                               cfg.model.max_len, t.seed, epoch, totals, stores.get("train"), reward)
@@ -480,7 +481,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                          f"; {t.scst_epochs} self-critical epochs follow" if t.scst_epochs else "")
             epoch += 1
     return {"out": str(out), "best_bleu_4": best, "best_epoch": best_epoch(history), "epochs_run": len(history),
-            "stopped_early": bool(history and history[-1].get("early_stopped")), "history": history,
+            "stopped_early": any(r.get("early_stopped") for r in history), "history": history,
             "rank": dist.rank}
 
 
@@ -493,18 +494,23 @@ def pretrained_trunk(cfg: RunConfig, train_records, val_records, out: Path, devi
 
     path = (out / PRETRAINED_TRUNK).absolute()
     settings = pretraining_settings(cfg, train_records, val_records)
-    cache = cfg.train.trunk_pretrain_cache
-    if cache and dist.is_main and stored_settings(path) != settings:
-        with SharedTrunk(Path(cache), settings) as shared:  # a run pre-training the same trunk finishes first
-            if shared.copy_to(path):
-                log.info("copied the pre-trained trunk %s, stored by a run with the same settings, images and "
-                         "captions (--trunk-pretrain-cache)", shared.path)
-            elif not dist.enabled:
-                pretrain_trunk(cfg, train_records, val_records, path, device, progress, settings)
-                shared.store(path)
-                return path
-    if cache:
-        dist.barrier()  # the other processes read the copy rank 0 made
+    if cfg.train.trunk_pretrain_cache:
+        shared, problem = SharedTrunk(Path(cfg.train.trunk_pretrain_cache), settings), None
+        if dist.enabled:  # rank 0 copies a stored trunk, if any; the others read the copy
+            if dist.is_main and stored_settings(path) != settings:
+                try:  # no lock: waiting for another run's pre-training would outlast the others' patience
+                    _copy_shared_trunk(shared, path)
+                except Exception as exc:  # sent to every process, which would otherwise wait forever
+                    problem = f"{exc}"
+            problem = dist.broadcast(problem)
+            if problem:
+                raise CaptionerError(problem)
+        elif stored_settings(path) != settings:
+            with shared:  # a run pre-training the same trunk finishes first
+                if not _copy_shared_trunk(shared, path):
+                    pretrain_trunk(cfg, train_records, val_records, path, device, progress, settings)
+                    shared.store(path)
+                    return path
     if path.is_file():
         if stored_settings(path) == settings:
             log.info("using the pre-trained trunk %s (same settings, images and captions)", path)
@@ -516,6 +522,14 @@ def pretrained_trunk(cfg: RunConfig, train_records, val_records, out: Path, devi
                              "(--out included, or --trunk-pretrain-cache) first; this run then reuses its file")
     pretrain_trunk(cfg, train_records, val_records, path, device, progress, settings)
     return path
+
+
+def _copy_shared_trunk(shared: SharedTrunk, path: Path) -> bool:
+    copied = shared.copy_to(path)
+    if copied:
+        log.info("copied the pre-trained trunk %s, stored by a run with the same settings, images and captions "
+                 "(--trunk-pretrain-cache)", shared.path)
+    return copied
 
 
 def cross_entropy_epochs(history: list[dict], planned: int) -> int:
@@ -531,10 +545,16 @@ def skip_to_update(scheduler, update: int) -> None:
     scheduler.step()
 
 
-def restore_best_weights(model: nn.Module, ema: ModelEMA | None, history: list[dict], folders: list[Path],
-                         dist: Distributed) -> None:
-    """Load the best epoch's weights (its best.pt, found in the first of `folders` holding it) into `model`, and
-    into `ema` with a moving average, on every process: where self-critical training starts (--scst-start best).
+SCST_START = "scst_start.pt"  # in the run folder: the checkpoint the self-critical epochs started from
+
+
+def restore_best_weights(model: nn.Module, ema: ModelEMA | None, history: list[dict], out: Path,
+                         folders: list[Path], dist: Distributed) -> None:
+    """Load the best epoch's weights into `model`, and into `ema` with a moving average, on every process: where
+    self-critical training starts (--scst-start best). They come from RUN/scst_start.pt when an earlier start of
+    the phase kept them there, else from best.pt (in `out`, else in the first of `folders`), which is then kept
+    as out/scst_start.pt: the first self-critical epoch to improve on it replaces best.pt, and a run killed before
+    its last.pt followed must still find where the phase started.
 
     Cross-entropy epochs after the best one fit the training captions' wording more than the photos (validation
     BLEU-4 drifts down while the loss falls), so sampling from them starts from a worse policy; Rennie et al.
@@ -545,13 +565,13 @@ def restore_best_weights(model: nn.Module, ema: ModelEMA | None, history: list[d
     problem = None
     if dist.is_main:  # reads the file; the others receive the weights (no shared folder needed)
         try:
-            source = _load_best_checkpoint(model, ema, best, last, folders)
+            source = _load_best_checkpoint(model, ema, history, best, last, out, folders)
             scores = {r["epoch"]: r.get("val_Bleu_4", float("nan")) for r in history}
             log.info("self-critical training starts from epoch %d's weights (%s, validation BLEU-4 %.4f), not from "
                      "the last epoch's (%d, %.4f)", best, source, scores[best], last, scores[last])
-        except CaptionerError as exc:
-            problem = str(exc)
-    problem = dist.broadcast(problem)  # every process raises, rather than waiting for weights that never come
+        except Exception as exc:  # sent to every process, which would otherwise wait for weights that never come
+            problem = f"{exc}" if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
+    problem = dist.broadcast(problem)
     if problem:
         raise CaptionerError(problem)
     dist.broadcast_module(model)
@@ -560,21 +580,33 @@ def restore_best_weights(model: nn.Module, ema: ModelEMA | None, history: list[d
         ema.updates = dist.broadcast(ema.updates)
 
 
-def _load_best_checkpoint(model: nn.Module, ema: ModelEMA | None, best: int, last: int, folders: list[Path]) -> Path:
-    found = [folder / "best.pt" for folder in folders if (folder / "best.pt").is_file()]
-    if not found:
-        raise CaptionerError(f"--scst-start best: no best.pt in {' or '.join(str(f) for f in folders)} to start the "
-                             f"self-critical epochs from (epoch {best}'s weights); use --scst-start last to start "
-                             f"from epoch {last}'s")
-    payload = load_checkpoint(found[0])
-    if payload.get("epoch") != best:
-        raise CaptionerError(f"--scst-start best: {found[0]} holds epoch {payload.get('epoch')}, but this run's log "
-                             f"says epoch {best} scored best; use --scst-start last to start from epoch {last}'s "
-                             "weights")
+def _load_best_checkpoint(model: nn.Module, ema: ModelEMA | None, history: list[dict], best: int, last: int,
+                          out: Path, folders: list[Path]) -> Path:
+    """Load epoch `best`'s checkpoint (see restore_best_weights) -> the file it came from."""
+    score = next(r.get("val_Bleu_4") for r in history if r["epoch"] == best)
+    candidates = [out / SCST_START, *(folder / "best.pt" for folder in dict.fromkeys([out, *folders]))]
+    looked = []
+    for path in candidates:
+        if not path.is_file():
+            continue
+        payload = load_checkpoint(path)
+        if payload.get("epoch") == best and payload.get("metrics", {}).get("Bleu_4") == score:
+            break
+        looked.append(f"{path} holds epoch {payload.get('epoch')}")
+    else:
+        where = "; ".join(looked) or "no best.pt in " + " or ".join(map(str, dict.fromkeys([out, *folders])))
+        raise CaptionerError(f"--scst-start best: the self-critical epochs start from epoch {best}'s weights (its "
+                             f"validation BLEU-4 was the best), but no checkpoint holds them ({where}); use "
+                             f"--scst-start last to start from epoch {last}'s")
     model.load_state_dict(clean_state_dict(payload.get("raw_model", payload["model"])))
     if ema is not None:
         ema.load(clean_state_dict(payload["model"]), payload.get("ema_updates", 0))
-    return found[0]
+    if path != out / SCST_START:
+        try:
+            copy_atomically(path, out / SCST_START)
+        except OSError as exc:
+            raise CheckpointWriteError(f"cannot write {out / SCST_START}: {exc.strerror or exc}") from None
+    return path
 
 
 def best_epoch(history: list[dict]) -> int:

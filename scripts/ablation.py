@@ -231,7 +231,7 @@ def read_log(path: Path) -> dict:
         return {"epochs_run": 0}
     best = max(records.values(), key=lambda r: r.get("val_Bleu_4", float("-inf")))
     return {"epochs_run": len(records), "best_epoch": best["epoch"], "best_val_Bleu_4": best.get("val_Bleu_4"),
-            "stopped_early": bool(records[max(records)].get("early_stopped")),
+            "stopped_early": any(r.get("early_stopped") for r in records.values()),
             "epoch_seconds_mean": round(sum(r.get("epoch_seconds", 0) for r in records.values()) / len(records), 1)}
 
 

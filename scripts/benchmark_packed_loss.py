@@ -105,8 +105,9 @@ def main(argv: list[str]) -> int:
     padded, real = (statistics.median(seconds[k]) for k in (False, True))
     positions = sum(t.numel() for _, t, _, _ in batches[1:])
     real_positions = sum(int((t != PAD_ID).sum()) for _, t, _, _ in batches[1:])
+    threads = f"cpu ({torch.get_num_threads()} threads)"
     print(json.dumps({
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else threads,
         "vocabulary": tokenizer.vocab_size, "images_per_step": args.batch_size,
         "captions_per_step": args.batch_size * CAPTIONS_PER_IMAGE,
         "real_share_of_positions": round(real_positions / positions, 3),

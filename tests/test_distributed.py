@@ -77,3 +77,20 @@ def test_torchrun_self_critical_epochs_train_on_every_process_and_report_their_s
     assert "self-critical training starts from epoch 1's weights" in double.stderr
     assert log[2]["images"] == 48 and 0.0 < log[2]["scst_reward"] < 1.0
     assert log[2]["val_num_images"] == 8
+
+
+def test_torchrun_copies_a_trunk_from_the_pretrained_trunk_cache(synthetic_dataset, tmp_path):
+    """Under torchrun a run does not pre-train, but takes a trunk another run stored in --trunk-pretrain-cache:
+    rank 0 copies it into the run folder and every process starts from it."""
+    cache = tmp_path / "trunks"
+    pretrain = [("pretrain-trunk" if a == "train" else a) for a in train_args(synthetic_dataset, tmp_path / "pre", 8)]
+    flags = ["--trunk-pretrain-epochs", "1", "--trunk-pretrain-cache", str(cache)]
+    single = run([sys.executable, "-m", "captioner.cli", *pretrain, *flags])
+    assert single.returncode == 0, single.stderr[-3000:]
+    args = [*train_args(synthetic_dataset, tmp_path / "two", 8), "--epochs", "1", *flags]
+    double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "-m", "captioner.cli", *args])
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "copied the pre-trained trunk" in double.stderr
+    stored = (tmp_path / "pre" / "trunk_pretrained.pt").read_bytes()
+    assert (tmp_path / "two" / "trunk_pretrained.pt").read_bytes() == stored

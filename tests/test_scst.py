@@ -236,38 +236,51 @@ def _state(module):
 
 
 def test_self_critical_training_starts_from_the_best_epochs_weights(tmp_path):
-    """--scst-start best (the default) loads best.pt's epoch into the model (and its moving average); when the last
-    epoch is the best one, or best.pt holds another epoch than the log's best, nothing is loaded unnoticed."""
+    """--scst-start best (the default) loads the best epoch's checkpoint into the model (and its moving average)
+    and keeps it as RUN/scst_start.pt: a run killed after its first self-critical epoch replaced best.pt, but
+    before last.pt followed, starts the phase again from there. When the last epoch is the best one nothing is
+    loaded; when no checkpoint holds the best epoch, the run stops and says so."""
     from captioner.checkpoint import save_checkpoint
     from captioner.config import RunConfig
     from captioner.distributed import Distributed
     from captioner.ema import ModelEMA
     from captioner.errors import CaptionerError
-    from captioner.training import restore_best_weights
+    from captioner.training import SCST_START, restore_best_weights
 
     torch.manual_seed(0)
     best_model, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     ema = ModelEMA(model, 0.9)
     saved_average = {k: v + 1.0 for k, v in best_model.state_dict().items()}
-    save_checkpoint(tmp_path / "best.pt", {"model": saved_average, "raw_model": best_model.state_dict(),
-                                           "ema_updates": 7, "config": RunConfig().to_dict(), "epoch": 2})
     history = [{"epoch": 1, "val_Bleu_4": 0.1}, {"epoch": 2, "val_Bleu_4": 0.3}, {"epoch": 3, "val_Bleu_4": 0.2}]
+    save_checkpoint(tmp_path / "best.pt", {"model": saved_average, "raw_model": best_model.state_dict(),
+                                           "ema_updates": 7, "config": RunConfig().to_dict(), "epoch": 2,
+                                           "metrics": {"Bleu_4": 0.3}})
     last_weights = _state(model)
+    resumed_into = tmp_path / "new_out"  # a resume into another --out: best.pt is beside the resumed checkpoint
+    resumed_into.mkdir()
 
-    restore_best_weights(model, ema, history[:2], [tmp_path], Distributed())  # the last epoch is the best
+    restore_best_weights(model, ema, history[:2], tmp_path, [], Distributed())  # the last epoch is the best
     assert all(torch.equal(v, last_weights[k]) for k, v in model.state_dict().items())
-
-    missing = tmp_path / "elsewhere"
-    with pytest.raises(CaptionerError, match="no best.pt in .*elsewhere.*--scst-start last"):
-        restore_best_weights(model, ema, history, [missing], Distributed())
-    with pytest.raises(CaptionerError, match="holds epoch 2, but this run's log says epoch 1"):
-        restore_best_weights(model, ema, [{**history[0], "val_Bleu_4": 0.5}, *history[1:]], [tmp_path],
+    with pytest.raises(CaptionerError, match="no checkpoint holds them .no best.pt in .*new_out.*--scst-start last"):
+        restore_best_weights(model, ema, history, resumed_into, [], Distributed())
+    with pytest.raises(CaptionerError, match=r"best.pt holds epoch 2\); use --scst-start last to start from epoch"):
+        restore_best_weights(model, ema, [{**history[0], "val_Bleu_4": 0.5}, *history[1:]], tmp_path, [],
                              Distributed())
 
-    restore_best_weights(model, ema, history, [missing, tmp_path], Distributed())  # the resumed run's folder
+    restore_best_weights(model, ema, history, resumed_into, [tmp_path], Distributed())
     assert all(torch.equal(v, best_model.state_dict()[k]) for k, v in model.state_dict().items())
     assert all(torch.equal(v, saved_average[k]) for k, v in ema.state_dict().items())
     assert ema.updates == 7
+    kept = (resumed_into / SCST_START).read_bytes()
+    assert kept == (tmp_path / "best.pt").read_bytes()
+
+    # The first self-critical epoch improved on epoch 2 and replaced best.pt; the run died before last.pt
+    save_checkpoint(tmp_path / "best.pt", {"model": {k: v * 0 for k, v in saved_average.items()},
+                                           "config": RunConfig().to_dict(), "epoch": 4, "metrics": {"Bleu_4": 0.4}})
+    model.load_state_dict(last_weights)
+    restore_best_weights(model, ema, history, resumed_into, [tmp_path], Distributed())
+    assert all(torch.equal(v, best_model.state_dict()[k]) for k, v in model.state_dict().items())
+    assert (resumed_into / SCST_START).read_bytes() == kept
 
 
 def test_early_stopping_ends_the_cross_entropy_epochs_and_the_self_critical_ones_follow(synthetic_dataset,
