@@ -54,8 +54,11 @@ class DataConfig:
     augment_scale_min: float = 0.85  # with augment: smallest share of the image's area a random crop keeps
     color_jitter: float = 0.1  # with augment: brightness, contrast and saturation factors in [1 - s, 1 + s]
     hflip: bool = False  # with augment: mirror half the images, swapping "left" and "right" in their captions
+    # with augment: where the crops and jitter are computed. workers: in the DataLoader workers, image by image;
+    # device: as a batch on the training device (data/device_augment.py); auto: device on CUDA, workers on a CPU
+    augment_on: str = "auto"
     cache_images: bool = True
-    gpu_decode: bool = False  # decode JPEGs with nvjpeg on the CUDA device (workers only read bytes); not with augment
+    gpu_decode: bool = False  # decode JPEGs with nvjpeg on the CUDA device (workers only read bytes)
     feature_cache: str = "auto"  # frozen-prefix features on disk: auto (RUN/feature_cache) | off | a folder
     val_limit: int = 0  # 0 = whole validation split
     strict: bool = False

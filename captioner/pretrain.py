@@ -32,14 +32,16 @@ from tqdm import tqdm
 
 from .atomic import write_atomically
 from .config import RunConfig
+from .data.collate import stacked_draws
 from .data.dataset import CaptionDataset, ignore_stop_signals
+from .data.device_augment import augment_batch
 from .data.records import ImageRecord
 from .data.transforms import TrainAugment
 from .feature_cache import records_digest
 from .engine import autocast_for, prepare_images, warmup_cosine
 from .errors import CaptionerError
 from .models.encoder import load_resnet18
-from .training import make_optimizer
+from .training import augment_on_device, make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -121,13 +123,21 @@ def tag_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str) -> torch.Te
 
 
 class _ImagesAndRows:
-    """Collate: (uint8 images (B, 3, S, S), dataset rows (B,)), dropping unreadable images (None items)."""
+    """Collate: (uint8 images (B, 3, S, S), dataset rows (B,), augmentation draws (B, 8) or None when the images
+    come augmented already), dropping unreadable images (None items)."""
 
-    def __call__(self, items: list[dict[str, Any] | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, items: list[dict[str, Any] | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         items = [item for item in items if item is not None]
         if not items:
-            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long)
-        return torch.stack([item["image"] for item in items]), torch.tensor([item["index"] for item in items])
+            return torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long), None
+        return (torch.stack([item["image"] for item in items]), torch.tensor([item["index"] for item in items]),
+                stacked_draws(items))
+
+
+def _pixels(images: torch.Tensor, draws: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """A collated batch -> normalised images on `device`, augmented there first when they come with draws."""
+    images = images.to(device, non_blocking=True)
+    return prepare_images(images if draws is None else augment_batch(images, draws), device)
 
 
 class TagNet(nn.Module):
@@ -147,8 +157,11 @@ class TagNet(nn.Module):
 
 
 def _loader(records, cfg: RunConfig, augment: TrainAugment | None, shuffle: bool, device: torch.device) -> DataLoader:
+    """Batches of (images, rows, draws); with --augment-on resolving to the device, the workers only draw each
+    image's augmentation and the training step applies it (data/device_augment.py)."""
+    later = augment is not None and augment_on_device(cfg.data.augment_on, device)
     dataset = CaptionDataset(records, cfg.data.image_size, augment=augment, cache_images=cfg.data.cache_images,
-                             strict=cfg.data.strict)
+                             strict=cfg.data.strict, augment_later=later)
     t = cfg.train
     return DataLoader(dataset, batch_size=t.batch_size, shuffle=shuffle, num_workers=t.workers,
                       collate_fn=_ImagesAndRows(), pin_memory=device.type == "cuda",
@@ -162,10 +175,10 @@ def _score(model: TagNet, loader: DataLoader, targets: torch.Tensor, device: tor
     model.eval()
     scores = torch.zeros_like(targets)
     seen = torch.zeros(len(targets), dtype=torch.bool)
-    for images, rows in loader:
+    for images, rows, draws in loader:
         if len(rows):
             with autocast_for(device):
-                scores[rows] = model(prepare_images(images, device)).float().cpu()
+                scores[rows] = model(_pixels(images, draws, device)).float().cpu()
             seen[rows] = True
     return mean_average_precision(scores[seen], targets[seen] > 0)
 
@@ -230,32 +243,36 @@ def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_rec
     max_norm = t.clip_grad if t.clip_grad > 0 else math.inf  # 0 = no clipping, as in captioning
     best, history = -math.inf, []
     for epoch in range(1, t.trunk_pretrain_epochs + 1):
-        started, total, batches, skipped = time.time(), 0.0, 0, 0
+        started, batches, skipped = time.time(), 0, 0
         model.train()
-        for images, rows in _progress(train_loader, progress, f"trunk pre-training {epoch}"):
+        total = torch.zeros((), device=device)  # summed on the device: a loss read per step would wait for it
+        for images, rows, draws in _progress(train_loader, progress, f"trunk pre-training {epoch}"):
             if not len(rows):
                 continue
             with autocast_for(device):
-                logits = model(prepare_images(images, device))
-            loss = tag_loss(logits, train_targets[rows].to(device), t.trunk_pretrain_loss)
+                logits = model(_pixels(images, draws, device))
+            loss = tag_loss(logits, train_targets[rows].to(device, non_blocking=True), t.trunk_pretrain_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            if not (torch.isfinite(loss) and torch.isfinite(norm)):  # a NaN/inf step never reaches the weights
+            # The step's wait for the GPU (its only one with the sigmoid loss): a NaN/inf loss or gradient
+            # never reaches the weights
+            if not bool(torch.isfinite(loss.detach() + norm)):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 continue
             optimizer.step()
             scheduler.step()
-            total, batches = total + loss.item(), batches + 1
+            total += loss.detach()
+            batches += 1
         if skipped:
             log.warning("trunk pre-training epoch %d: skipped %d steps with a non-finite loss or gradient", epoch,
                         skipped)
         if batches == 0:
             raise CaptionerError(f"trunk pre-training epoch {epoch}: no step had a finite loss and gradient")
         val_map = _score(model, val_loader, val_targets, device)
-        record = {"epoch": epoch, "loss": round(total / max(1, batches), 5), "val_map": round(val_map, 4),
+        record = {"epoch": epoch, "loss": round(float(total) / max(1, batches), 5), "val_map": round(val_map, 4),
                   "seconds": round(time.time() - started, 1)}
         history.append(record)
         log.info("trunk pre-training epoch %d: loss %.4f, validation tag mAP %.4f%s, %.0f s", epoch, record["loss"],

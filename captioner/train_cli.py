@@ -23,6 +23,7 @@ TRAIN_FLAGS = {
     "--augment-scale-min": ("data", "augment_scale_min", float),
     "--color-jitter": ("data", "color_jitter", float),
     "--hflip": ("data", "hflip", "bool"),
+    "--augment-on": ("data", "augment_on", str),
     "--cache-images": ("data", "cache_images", "bool"),
     "--gpu-decode": ("data", "gpu_decode", "bool"),
     "--feature-cache": ("data", "feature_cache", str),
@@ -87,7 +88,7 @@ TRAIN_FLAGS = {
 CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
            "--decoder": ("transformer", "lstm"), "--bow-input": ("grid", "memory"), "--on-nonfinite": ("stop", "skip"),
            "--trunk-pretrain-loss": ("sigmoid", "softmax"), "--scst-reward": ("bleu", "cider"),
-           "--scst-start": ("best", "last")}
+           "--scst-start": ("best", "last"), "--augment-on": ("auto", "workers", "device")}
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:

@@ -29,8 +29,9 @@ from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint
     set_rng_state, tokenizer_from_payload, tokenizer_payload
 from .config import RunConfig
 from .curves import TENSORBOARD_DIR, write_epoch_scalars
-from .data.collate import CaptionCollate
+from .data.collate import CaptionCollate, stacked_draws
 from .data.dataset import CaptionDataset, ignore_stop_signals
+from .data.device_augment import DeviceAugmentLoader, augment_batch
 from .data.device_decode import DeviceDecodingLoader
 from .data.factory import load_records
 from .data.sampling import EpochSampler
@@ -90,6 +91,9 @@ def train_and_val_records(cfg: RunConfig):
     return train_records, val_records[: cfg.data.val_limit] if cfg.data.val_limit else val_records
 
 
+AUGMENT_PLACES = ("auto", "workers", "device")
+
+
 def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: bool, device: torch.device,
                 dist: Distributed | None = None):
     """Training batches come in EpochSampler order (a function of seed and epoch, see data/sampling.py).
@@ -99,19 +103,30 @@ def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: boo
     augment = train_augment(cfg) if train else None
     if d.gpu_decode and device.type != "cuda":
         raise CaptionerError(f"--gpu-decode decodes JPEGs with nvjpeg on a CUDA device; this run uses {device}")
-    encoded = d.gpu_decode and augment is None
+    on_device = augment_on_device(d.augment_on, device) and augment is not None  # the setting checked always
+    encoded = d.gpu_decode and (augment is None or on_device)
     if d.gpu_decode and not encoded:
-        log.warning("--gpu-decode: augmented training images are decoded on the CPU (augmentation runs there); "
-                    "validation images are decoded on the GPU")
+        log.warning("--gpu-decode with --augment-on workers: augmented training images are decoded on the CPU "
+                    "(augmentation runs there); validation images are decoded on the GPU")
     dataset = CaptionDataset(records, d.image_size, augment=augment, cache_images=d.cache_images and not encoded,
-                             strict=d.strict, encoded=encoded)
+                             strict=d.strict, encoded=encoded, augment_later=on_device)
     collate = CaptionCollate(tokenizer if train else None, cfg.model.max_len, t.captions_per_image)
     dist = dist or Distributed()
     sampler = EpochSampler(len(dataset), t.seed, shuffle=train, rank=dist.rank, world_size=dist.world_size)
     loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
                         pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
                         generator=torch.Generator().manual_seed(t.seed), worker_init_fn=ignore_stop_signals)
-    return DeviceDecodingLoader(loader, device) if encoded else loader
+    if encoded:
+        loader = DeviceDecodingLoader(loader, device)
+    return DeviceAugmentLoader(loader, device) if on_device else loader
+
+
+def augment_on_device(setting: str, device: torch.device) -> bool:
+    """Whether --augment-on SETTING computes the training augmentation on `device` as a batch (auto: on CUDA,
+    where it frees the workers' CPU time; on a CPU device the workers already run in parallel with the step)."""
+    if setting not in AUGMENT_PLACES:
+        raise CaptionerError(f"--augment-on must be one of {', '.join(AUGMENT_PLACES)}, got {setting!r}")
+    return setting == "device" or (setting == "auto" and device.type == "cuda")
 
 
 def train_augment(cfg: RunConfig) -> TrainAugment | None:
@@ -138,10 +153,11 @@ def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: to
 
     def batches():
         for start in range(0, len(order), chunk):
-            items = [dataset[i] for i in order[start : start + chunk]]
-            images = [item["image"] for item in items if item is not None]
-            if images:
-                yield prepare_images(torch.stack(images), device)
+            items = [item for item in (dataset[i] for i in order[start : start + chunk]) if item is not None]
+            if items:
+                images = torch.stack([item["image"] for item in items])
+                draws = stacked_draws(items)  # augmentation that would run on the device (augment_later)
+                yield prepare_images(images if draws is None else augment_batch(images, draws), device)
 
     encoded, dataset.encoded = dataset.encoded, False  # pixels decoded here, whatever the loader does later
     try:

@@ -145,3 +145,25 @@ def test_packed_loss_benchmark_times_both_losses_on_the_same_batches_and_they_ag
     missing = subprocess.run([sys.executable, str(repo / "scripts" / "benchmark_packed_loss.py"), "--root",
                               str(tmp_path / "nowhere")], capture_output=True, text=True, timeout=60)
     assert missing.returncode == 2 and "no Flickr8k folder" in missing.stderr
+
+
+def test_augment_benchmark_reports_both_places_from_the_same_images(synthetic_dataset, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_ablation import synthetic_as_flickr8k
+
+    repo = Path(__file__).resolve().parents[1]
+    root = synthetic_as_flickr8k(synthetic_dataset, tmp_path / "flickr8k")
+    proc = subprocess.run([sys.executable, str(repo / "scripts" / "benchmark_augment.py"), "--root", str(root),
+                           "--image-size", "32", "--batch-size", "8", "--workers", "1", "--rounds", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert set(result["settings"]) == {"workers", "device"} and result["device"] == "cpu"
+    workers, device = result["settings"]["workers"], result["settings"]["device"]
+    assert len(workers["images_per_s_rounds"]) == len(device["images_per_s_rounds"]) == 2
+    assert workers["device_ms_per_batch"] == 0.0 and device["device_ms_per_batch"] > 0  # only one augments there
+    assert workers["worker_ms_per_image"] > 0 and device["worker_ms_per_image"] > 0

@@ -65,6 +65,9 @@ class Batch:
     # (C,) float: each caption's weight in the loss, for captions sampled from the model (scst.py: their
     # advantages, which may be negative); None for human captions, which all weigh the same
     row_weights: torch.Tensor | None = None
+    # (B, 8) float: each image's augmentation draw (transforms.AugmentDraw), when `images` are not augmented yet
+    # because augmentation runs on the training device (data/device_augment.py); None otherwise
+    augment: torch.Tensor | None = None
 
     def _map(self, fn, move_has_features: bool = True) -> "Batch":
         maybe = lambda t: None if t is None else fn(t)  # noqa: E731
@@ -72,7 +75,7 @@ class Batch:
         return Batch(fn(self.images), fn(self.tokens_in), fn(self.targets), fn(self.caption_image_index),
                      self.captions, self.image_ids, self.paths, self.indices, self.skipped, maybe(self.bow_targets),
                      maybe(self.features), has_features, self.jpegs, self.image_size,
-                     maybe(self.row_weights))
+                     maybe(self.row_weights), maybe(self.augment))
 
     def to(self, device: torch.device) -> "Batch":
         """Tensors to `device`. JPEG bytes stay on the CPU, where nvjpeg reads them, and so does `has_features`:
@@ -100,7 +103,8 @@ class Batch:
                      [self.captions[r] for r in keep], [self.image_ids[r] for r in keep],
                      [self.paths[r] for r in keep], [self.indices[r] for r in keep], self.skipped + len(dropped),
                      pick(self.bow_targets), pick(self.features), pick(self.has_features), None, self.image_size,
-                     None if self.row_weights is None else self.row_weights.index_select(0, caption_keep))
+                     None if self.row_weights is None else self.row_weights.index_select(0, caption_keep),
+                     pick(self.augment))
 
 
 class CaptionCollate:
@@ -143,7 +147,19 @@ class CaptionCollate:
         return Batch(images, tokens_in, targets, torch.tensor(owners, dtype=torch.long),
                      [list(it["captions"]) for it in good], [it["image_id"] for it in good],
                      [it["path"] for it in good], [it["index"] for it in good], skipped, bow, features, has_features,
-                     jpegs, max((it.get("image_size", 0) for it in good), default=0))
+                     jpegs, max((it.get("image_size", 0) for it in good), default=0), augment=stacked_draws(good))
+
+
+def stacked_draws(items: Sequence[dict]) -> torch.Tensor | None:
+    """(B, 8) float: the items' augmentation draws, when they carry them (augmentation on the training device,
+    see data/device_augment.py; every training item then does); None when none does."""
+    draws = [it.get("augment") for it in items]
+    if all(draw is None for draw in draws):
+        return None
+    if any(draw is None for draw in draws):
+        raise ValueError("a batch mixes items with and without augmentation draws: "
+                         f"{', '.join(it['path'] for it, draw in zip(items, draws) if draw is None)[:300]} have none")
+    return torch.stack(draws)
 
 
 def teacher_forcing_tensors(captions: Sequence[Sequence[int]], ended: Sequence[bool] | None = None

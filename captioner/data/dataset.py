@@ -60,7 +60,12 @@ class CaptionDataset(Dataset):
 
     `encoded=True` (GPU decoding, see data/device_decode.py): a plain JPEG comes as its file bytes (`jpeg`,
     uint8 (N,)) with image None and `image_size`, for nvjpeg to decode; other files are decoded here as usual.
-    It needs augment None (augmentation runs on decoded CPU tensors) and caches nothing.
+    It caches nothing, and takes augmentation only with `augment_later`.
+
+    `augment_later=True` leaves the pixels alone: each item carries the augmentation `augment` would apply
+    (`augment`: AugmentDraw.as_tensor(), drawn from the item's seed exactly as `augment` draws it) with its
+    captions already mirrored when the draw says so, and data/device_augment.py applies the batch's draws on the
+    training device.
     """
 
     def __init__(
@@ -71,17 +76,23 @@ class CaptionDataset(Dataset):
         cache_images: bool = False,
         strict: bool = False,
         encoded: bool = False,
+        augment_later: bool = False,
     ) -> None:
         if image_size <= 0:
             raise ValueError(f"image_size must be positive, got {image_size}")
-        if encoded and augment is not None:
-            raise ValueError("encoded=True (GPU decoding) cannot be combined with CPU augmentation")
+        if encoded and augment is not None and not augment_later:
+            raise ValueError("encoded=True (GPU decoding) cannot be combined with CPU augmentation; "
+                             "use augment_later=True (augmentation on the device)")
         self.records = list(records)
         self.image_size = image_size
         self.augment = augment
         self.cache_images = cache_images
         self.strict = strict
         self.encoded = encoded
+        self.augment_later = augment_later and augment is not None
+        if self.augment_later and augment.image_size != image_size:
+            raise ValueError(f"augment_later: the augmentation's size ({augment.image_size}) must be the images' "
+                             f"({image_size}); on the device each crop is resized back to the image's size")
         self.failed_paths: list[str] = []
         self.features = None  # a FeatureStore (feature_cache.py): items it holds come as features, not pixels
         self._cache: dict[int, torch.Tensor] = {}
@@ -99,26 +110,34 @@ class CaptionDataset(Dataset):
         if self.encoded:
             data = encoded_jpeg(record.path)
             if data is not None:  # for the GPU decoder; anything else is decoded below
-                return {"image": None, "jpeg": data, "image_size": self.image_size, "captions": list(record.captions),
+                item = {"image": None, "jpeg": data, "image_size": self.image_size, "captions": list(record.captions),
                         "image_id": record.image_id, "path": str(record.path), "index": index, "seed": seed}
+                return self._drawn(item, self.image_size, self.image_size)  # decoded at image_size x image_size
         image = self._image(index, record)
         if image is None:
             return None
-        captions, flipped = list(record.captions), False
+        item = {"image": image, "captions": list(record.captions), "image_id": record.image_id,
+                "path": str(record.path), "index": index, "seed": seed, "flipped": False}
+        if self.augment_later:
+            return self._drawn(item, image.shape[1], image.shape[2])
         if self.augment is not None:
             generator = None if seed is None else torch.Generator().manual_seed(seed)
-            image, flipped = self.augment.apply(image, generator)
-            if flipped:  # a mirrored image: its captions' left and right trade places too
-                captions = [swap_left_right(c) for c in captions]
-        return {
-            "image": image,
-            "captions": captions,
-            "image_id": record.image_id,
-            "path": str(record.path),
-            "index": index,
-            "seed": seed,
-            "flipped": flipped,
-        }
+            item["image"], item["flipped"] = self.augment.apply(image, generator)
+            if item["flipped"]:  # a mirrored image: its captions' left and right trade places too
+                item["captions"] = [swap_left_right(c) for c in item["captions"]]
+        return item
+
+    def _drawn(self, item: dict[str, Any], height: int, width: int) -> dict[str, Any]:
+        """`item` with its augmentation draw (`augment`) when augmentation runs later, on the device; its captions
+        mirrored when the draw mirrors the image."""
+        if not self.augment_later:
+            return item
+        seed = item["seed"]
+        drawn = self.augment.draw(height, width, None if seed is None else torch.Generator().manual_seed(seed))
+        item["augment"], item["flipped"] = drawn.as_tensor(), drawn.flipped
+        if drawn.flipped:
+            item["captions"] = [swap_left_right(c) for c in item["captions"]]
+        return item
 
     def _image(self, index: int, record: ImageRecord) -> torch.Tensor | None:
         """The resized uint8 tensor, from the cache when enabled; None (or raise, if strict) when unreadable."""

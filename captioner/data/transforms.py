@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -51,6 +52,23 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(3, 1, 1) float32 mean and std on `device`, made once: not copied from the host at every batch."""
     as_tensor = lambda values: torch.tensor(values, dtype=torch.float32).view(3, 1, 1).to(device)  # noqa: E731
     return as_tensor(IMAGENET_MEAN), as_tensor(IMAGENET_STD)
+
+
+class AugmentDraw(NamedTuple):
+    """One image's augmentation: the crop box in its pixels, the jitter factors, and whether it is mirrored."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    brightness: float
+    contrast: float
+    saturation: float
+    flipped: bool
+
+    def as_tensor(self) -> torch.Tensor:
+        """float32 (8,), in field order: what a DataLoader item carries to data/device_augment.py."""
+        return torch.tensor([float(v) for v in self], dtype=torch.float32)
 
 
 class TrainAugment:
@@ -97,16 +115,24 @@ class TrainAugment:
         """-> (augmented image, whether it was mirrored: its captions must then go through swap_left_right)."""
         if image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
             raise ValueError(f"TrainAugment expects a uint8 (3, H, W) tensor, got {image.dtype} {tuple(image.shape)}")
-        top, left, height, width = self._crop_box(image.shape[1], image.shape[2], generator)
+        drawn = self.draw(image.shape[1], image.shape[2], generator)
         size = [self.image_size, self.image_size]
-        out = TF.resized_crop(image, top, left, height, width, size, antialias=True)
+        out = TF.resized_crop(image, drawn.top, drawn.left, drawn.height, drawn.width, size, antialias=True)
+        if (drawn.brightness, drawn.contrast, drawn.saturation) != (1.0, 1.0, 1.0):
+            out = _jitter(out, drawn.brightness, drawn.contrast, drawn.saturation)
+        return (out.flip(-1) if drawn.flipped else out), drawn.flipped
+
+    def draw(self, height: int, width: int, generator: torch.Generator | None = None) -> "AugmentDraw":
+        """The random choices for one image of height x width, without touching its pixels: what `apply` does
+        to it, and what data/device_augment.py applies to a whole batch on the training device. Drawn in a
+        fixed order (crop box, brightness, contrast, saturation, flip), so both places make the same choices
+        from the same generator."""
+        top, left, crop_height, crop_width = self._crop_box(height, width, generator)
         brightness = _uniform(1.0 - self.brightness, 1.0 + self.brightness, generator)
         contrast = _uniform(1.0 - self.contrast, 1.0 + self.contrast, generator)
         saturation = _uniform(1.0 - self.saturation, 1.0 + self.saturation, generator) if self.saturation else 1.0
-        if (brightness, contrast, saturation) != (1.0, 1.0, 1.0):
-            out = _jitter(out, brightness, contrast, saturation)
         flipped = self.hflip and _uniform(0.0, 1.0, generator) < 0.5
-        return (out.flip(-1) if flipped else out), flipped
+        return AugmentDraw(top, left, crop_height, crop_width, brightness, contrast, saturation, flipped)
 
     def _crop_box(self, height: int, width: int, generator: torch.Generator | None) -> tuple[int, int, int, int]:
         """(top, left, h, w) of a crop covering `scale` of the area at an aspect ratio in `ratio` (log-uniform);

@@ -1,0 +1,152 @@
+"""Training augmentation in the DataLoader workers (`--augment-on workers`) against the same augmentation applied to
+each batch on the training device (`--augment-on device`), in one process; prints JSON.
+
+    python scripts/benchmark_augment.py                                  # Flickr8k from ../shared/data/flickr8k
+    python scripts/benchmark_augment.py --root data/flickr8k-128 --device cuda --workers 2 --images 4096
+
+Both settings read the same images, already decoded and kept by the workers (`cache_images`, as from a run's
+second epoch on), with trunk pre-training's augmentation (crops down to 35% of the area, colour jitter 0.3,
+mirroring) or the Flickr8k recipe's (`--augment recipe`: crops down to 77%). Per setting it reports:
+- `worker_ms_per_image`: what one item costs a worker, timed in this process (the CPU time the setting takes
+  from the cores that training processes share);
+- `device_ms_per_batch`: the batch augmentation on the device (0 for the workers' setting);
+- `images_per_s`: a whole pass of the loader with `--workers` workers, each batch moved to the device, augmented
+  there if the setting says so, and normalised, as a training step receives it (no model: the most a step could
+  be fed). The settings take turns for `--rounds` rounds; each figure is the median round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the captioner package of this checkout, installed or not
+
+from captioner.data.collate import CaptionCollate  # noqa: E402
+from captioner.data.dataset import CaptionDataset  # noqa: E402
+from captioner.data.device_augment import augment_batch_on  # noqa: E402
+from captioner.data.flickr8k import load_flickr8k  # noqa: E402
+from captioner.data.sampling import EpochSampler  # noqa: E402
+from captioner.data.transforms import TrainAugment  # noqa: E402
+from captioner.engine import prepare_images  # noqa: E402
+
+SETTINGS = ("workers", "device")
+
+
+def augmentation(kind: str, size: int) -> TrainAugment:
+    if kind == "pretraining":  # pretrain.py's
+        return TrainAugment(size, (0.35, 1.0), ratio=(3 / 4, 4 / 3), brightness=0.3, contrast=0.3, saturation=0.3,
+                            hflip=True)
+    return TrainAugment(size, (0.766, 1.0), brightness=0.0, contrast=0.0, saturation=0.0)  # the recipe's
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "flickr8k"), help="Flickr8k folder")
+    p.add_argument("--images", type=int, default=1024, help="training images used (0: all)")
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--augment", choices=("pretraining", "recipe"), default="pretraining")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    return p.parse_args(argv)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker_ms_per_image(dataset: CaptionDataset, sampler: EpochSampler, count: int = 256) -> float:
+    keys = list(sampler)[:count]
+    for key in keys:  # decoded into the cache first: a worker's steady state
+        dataset[key]
+    started = time.perf_counter()
+    for key in keys:
+        dataset[key]
+    return (time.perf_counter() - started) / len(keys) * 1e3
+
+
+def device_ms_per_batch(loader: DataLoader, device: torch.device, batches: int = 10) -> float:
+    batch_list = [batch for _, batch in zip(range(batches), loader)]
+    if batch_list[0].augment is None:
+        return 0.0
+    moved = [(b.images.to(device), b.augment) for b in batch_list]
+    synchronize(device)
+    started = time.perf_counter()
+    for images, draws in moved:
+        augment_batch_on(_Pixels(images, draws), device)
+    synchronize(device)
+    return (time.perf_counter() - started) / len(moved) * 1e3
+
+
+class _Pixels:
+    """The two fields augment_batch_on reads and writes, without a whole Batch."""
+
+    def __init__(self, images: torch.Tensor, augment: torch.Tensor):
+        self.images, self.augment = images, augment
+
+
+def one_pass(loader: DataLoader, sampler: EpochSampler, epoch: int, device: torch.device) -> float:
+    sampler.set_epoch(epoch)
+    synchronize(device)
+    started, seen = time.perf_counter(), 0
+    for batch in loader:
+        batch = augment_batch_on(batch, device)
+        prepare_images(batch.images, device)
+        seen += batch.images.shape[0]
+    synchronize(device)
+    return seen / (time.perf_counter() - started)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    root = Path(args.root)
+    if not root.is_dir():
+        print(f"no Flickr8k folder at {root} (give --root)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device)
+    records = load_flickr8k(root, "train")
+    records = records[: args.images] if args.images else records
+    augment = augmentation(args.augment, args.image_size)
+    loaders, results = {}, {}
+    for setting in SETTINGS:
+        dataset = CaptionDataset(records, args.image_size, augment=augment, cache_images=True,
+                                 augment_later=setting == "device")
+        sampler = EpochSampler(len(dataset), seed=0)
+        loader = DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers,
+                            collate_fn=CaptionCollate(None, 24), pin_memory=device.type == "cuda",
+                            persistent_workers=args.workers > 0)
+        one_pass(loader, sampler, 0, device)  # the workers decode every image once, as in a run's first epoch
+        results[setting] = {"worker_ms_per_image": round(worker_ms_per_image(dataset, sampler), 4),
+                            "device_ms_per_batch": round(device_ms_per_batch(loader, device), 4),
+                            "images_per_s_rounds": []}
+        loaders[setting] = (loader, sampler)
+    for round_ in range(1, args.rounds + 1):
+        for setting, (loader, sampler) in loaders.items():
+            results[setting]["images_per_s_rounds"].append(round(one_pass(loader, sampler, round_, device), 1))
+    for result in results.values():
+        result["images_per_s"] = statistics.median(result["images_per_s_rounds"])
+    print(json.dumps({
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "cpu_threads": torch.get_num_threads(), "images": len(records),
+        "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
+        "augment": args.augment, "settings": results,
+        "worker_time_ratio": round(results["workers"]["worker_ms_per_image"]
+                                   / max(results["device"]["worker_ms_per_image"], 1e-9), 2),
+        "images_per_s_ratio": round(results["device"]["images_per_s"] / results["workers"]["images_per_s"], 3),
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
