@@ -136,3 +136,37 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ca
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} does not match this captioner's model: {exc}") from None
     return model.to(device).eval(), tokenizer, cfg
+
+
+# What captioning, evaluation and serving read from a checkpoint; the rest (optimizer, scheduler, RNG states,
+# mid-epoch counters, the trained weights beside a moving average) only serves `train --resume`.
+INFERENCE_KEYS = ("format_version", "model", "config", "tokenizer", "epoch", "best_metric", "metrics", "history")
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def export_checkpoint(source: str | Path, dest: str | Path, fp16: bool = False) -> dict[str, Any]:
+    """Write the inference part of checkpoint `source` to `dest`: the weights (as fp16 with `fp16`, which
+    `load_model` turns back into fp32 parameters), the run config, the tokenizer and the epoch's metrics.
+
+    Why: a training checkpoint carries AdamW's two moments per trained weight, three times the size of a model
+    whose every weight trains, and a user sharing or serving a model needs none of that. The file is marked `exported`, and `train --resume`
+    refuses it by name. A weight beyond fp16's range (65,504) is an error that names it, not a silent inf."""
+    source, dest = Path(source), Path(dest)
+    if dest.exists() and dest.resolve() == source.resolve():
+        raise CaptionerError(f"export: {dest} is the checkpoint being exported; give another file")
+    payload = load_checkpoint(source)
+    load_model(source)  # a file that does not build this captioner's model fails here, naming the problem
+    weights = clean_state_dict(payload["model"])
+    if fp16:
+        for name, tensor in weights.items():
+            if tensor.is_floating_point() and tensor.numel() and bool(tensor.abs().max() > FP16_MAX):
+                raise CaptionerError(f"export --fp16: {source}'s weight {name} holds values beyond fp16's range "
+                                     f"({float(tensor.abs().max()):.4g} > {FP16_MAX:.0f}); export without --fp16")
+        weights = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
+    exported = {key: payload[key] for key in INFERENCE_KEYS if key in payload}
+    dtype = "float16" if fp16 else "float32"
+    exported["model"] = weights
+    exported["exported"] = {"from": str(source), "weights": dtype}
+    save_checkpoint(dest, exported)
+    return {"out": str(dest), "from": str(source), "weights": dtype, "epoch": payload.get("epoch"),
+            "bytes": dest.stat().st_size, "source_bytes": source.stat().st_size}

@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="run folder (or its log.jsonl)")
     p.add_argument("--out", default="", help="folder for the PNGs (default: the run folder)")
 
+    p = sub.add_parser("export", help="write a checkpoint's model, config and tokenizer without its training state "
+                       "(AdamW's two moments per trained weight; half that again with --fp16), for caption, "
+                       "evaluate and serve")
+    p.add_argument("checkpoint", help="a training checkpoint (RUN/best.pt)")
+    p.add_argument("out", help="the file to write")
+    p.add_argument("--fp16", action="store_true", help="store the weights as fp16 (loaded back as fp32)")
+
     p = sub.add_parser("make-synthetic", help="write a synthetic scenes dataset in COCO caption format")
     p.add_argument("out")
     p.add_argument("--train", type=int, default=2000)

@@ -172,6 +172,13 @@ def plot(args) -> int:
     return 0
 
 
+def export(args) -> int:
+    from .checkpoint import export_checkpoint
+
+    print(json.dumps(export_checkpoint(args.checkpoint, args.out, fp16=args.fp16)))
+    return 0
+
+
 def make_synthetic(args) -> int:
     from .data.synthetic import make_synthetic as write
 

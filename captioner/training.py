@@ -338,6 +338,9 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         logging.getLogger("captioner").setLevel(logging.WARNING)
         progress = False
     payload = load_checkpoint(resume) if resume else None
+    if payload is not None and "exported" in payload:
+        raise CaptionerError(f"{resume} was written by `captioner export` for captioning and evaluation: it holds no "
+                             "optimizer state to resume from; resume from the run's last.pt")
     if payload is not None:
         saved = RunConfig.from_saved(payload["config"], source=f"checkpoint {resume}")
         for key in RESUME_MAY_CHANGE:

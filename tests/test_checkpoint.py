@@ -174,3 +174,61 @@ def test_checkpoint_from_before_the_cut_trunk_still_loads(tmp_path):
     images = torch.randn(2, 3, 64, 64)
     with torch.inference_mode():
         torch.testing.assert_close(loaded.encode(images), model.encode(images))
+
+
+def _first_step_logits(model, images: torch.Tensor) -> torch.Tensor:
+    """(B, V) logits of the first caption token: what every decoding setting starts from."""
+    from captioner.text import BOS_ID
+
+    with torch.inference_mode():
+        return model(images, torch.full((images.shape[0], 1), BOS_ID, dtype=torch.long))[:, 0]
+
+
+def test_export_keeps_what_captioning_needs_and_resume_refuses_it(trained_run, tmp_path, capsys):
+    from captioner.cli import main
+
+    source = trained_run / "best.pt"
+    assert main(["export", str(source), str(tmp_path / "model.pt")]) == 0
+    assert main(["export", str(source), str(tmp_path / "half.pt"), "--fp16"]) == 0
+    full, exported, half = (load_checkpoint(p) for p in (source, tmp_path / "model.pt", tmp_path / "half.pt"))
+    assert "optimizer" in full and "optimizer" not in exported and "rng" not in exported
+    assert exported["exported"] == {"from": str(source), "weights": "float32"}
+    assert exported["metrics"] == full["metrics"] and exported["epoch"] == full["epoch"]
+    sizes = {p: p.stat().st_size for p in (source, tmp_path / "model.pt", tmp_path / "half.pt")}
+    moments = sum(t.numel() * t.element_size() for state in full["optimizer"]["state"].values()
+                  for t in state.values() if isinstance(t, torch.Tensor) and t.dim() > 0)
+    assert sizes[source] - sizes[tmp_path / "model.pt"] > 0.95 * moments  # AdamW's moments per trained weight go
+    assert sizes[tmp_path / "half.pt"] < 0.6 * sizes[tmp_path / "model.pt"]
+    assert all(t.dtype == torch.float16 for t in half["model"].values() if t.is_floating_point())
+
+    original, tokenizer, _ = load_model(source)
+    same, same_tokenizer, _ = load_model(tmp_path / "model.pt")
+    halved, _, _ = load_model(tmp_path / "half.pt")
+    assert same_tokenizer.model_bytes == tokenizer.model_bytes
+    assert all(p.dtype == torch.float32 for p in halved.parameters())  # fp16 in the file, fp32 once loaded
+    images = torch.randn(4, 3, 64, 64)
+    with torch.inference_mode():
+        before = decode(original, original.encode(images), beam_size=2, max_len=10)
+        after = decode(same, same.encode(images), beam_size=2, max_len=10)
+    assert [[h.tokens for h in b] for b in before] == [[h.tokens for h in a] for a in after]
+    reference = _first_step_logits(original, images)
+    assert torch.allclose(_first_step_logits(halved, images), reference, atol=0.05 * float(reference.abs().max()))
+
+    capsys.readouterr()
+    assert main(["train", "--resume", str(tmp_path / "model.pt"), "--device", "cpu"]) == 2
+    assert "written by `captioner export`" in capsys.readouterr().err
+
+
+def test_export_refuses_its_own_source_and_weights_beyond_fp16(tmp_path, capsys):
+    from captioner.cli import main
+
+    model, tokenizer = _tiny_checkpoint(tmp_path / "m.pt")
+    assert main(["export", str(tmp_path / "m.pt"), str(tmp_path / "m.pt")]) == 2
+    assert "is the checkpoint being exported" in capsys.readouterr().err
+    state = model.state_dict()
+    state["decoder.out.weight" if "decoder.out.weight" in state else next(iter(state))] *= 1e6
+    save_checkpoint(tmp_path / "big.pt", {"model": state, "config": load_checkpoint(tmp_path / "m.pt")["config"],
+                                          "tokenizer": tokenizer_payload(tokenizer)})
+    assert main(["export", str(tmp_path / "big.pt"), str(tmp_path / "half.pt"), "--fp16"]) == 2
+    assert "beyond fp16's range" in capsys.readouterr().err and not (tmp_path / "half.pt").exists()
+    assert main(["export", str(tmp_path / "big.pt"), str(tmp_path / "full.pt")]) == 0

@@ -66,9 +66,11 @@ def test_torchrun_self_critical_epochs_train_on_every_process_and_report_their_s
                                                                                              tmp_path):
     """Each process samples and scores captions for its share of every batch; the epoch's figures are the run's.
     With lr ~0 validation BLEU-4 never improves on epoch 1, so patience 1 ends the cross-entropy epochs after
-    epoch 2 and the self-critical one starts from epoch 1's weights, which rank 0 reads and sends to rank 1."""
+    epoch 2 and the self-critical one starts from epoch 1's weights, which rank 0 reads and sends to rank 1.
+    Each process augments its images on its device (--augment-on device), as torchrun runs on GPUs do."""
     args = [*train_args(synthetic_dataset, tmp_path / "two", 8), "--epochs", "3", "--lr", "1e-9",
-            "--early-stop-patience", "1", "--scst-epochs", "1", "--scst-lr", "3e-3"]
+            "--early-stop-patience", "1", "--scst-epochs", "1", "--scst-lr", "3e-3", "--augment", "--hflip",
+            "--augment-on", "device"]
     double = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                   "-m", "captioner.cli", *args])
     assert double.returncode == 0, double.stderr[-3000:]
