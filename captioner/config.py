@@ -97,6 +97,7 @@ class TrainConfig:
     trunk_pretrain_tags: int = 1000  # the most used content words of the training captions
     trunk_pretrain_crop: float = 0.35  # smallest share of the image's area its random crops keep
     trunk_pretrain_loss: str = "sigmoid"  # sigmoid (per-tag binary cross-entropy) | softmax (one over all tags)
+    init_from: str = ""  # a checkpoint whose model (settings, weights, tokenizer) this new run starts from
     trunk_pretrain_cache: str = ""  # folder of pre-trained trunks shared between runs (shared_trunks.py; "" = none)
     # After the `epochs` of cross-entropy, this many epochs of self-critical training on BLEU (scst.py; 0 = off)
     scst_epochs: int = 0

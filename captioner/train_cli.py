@@ -78,6 +78,7 @@ TRAIN_FLAGS = {
     "--trunk-pretrain-crop": ("train", "trunk_pretrain_crop", float),
     "--trunk-pretrain-loss": ("train", "trunk_pretrain_loss", str),
     "--trunk-pretrain-cache": ("train", "trunk_pretrain_cache", str),
+    "--init-from": ("train", "init_from", str),
     "--scst-epochs": ("train", "scst_epochs", int),
     "--scst-lr": ("train", "scst_lr", float),
     "--scst-samples": ("train", "scst_samples", int),
@@ -113,6 +114,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if hasattr(args, key):
             setattr(getattr(cfg, section), key, getattr(args, key))
     return cfg
+
+
+def typed_model_settings(args: argparse.Namespace) -> set[str]:
+    """The model settings, and the image size, typed as flags on this command line (not those of a --config
+    file): what a run started with --init-from may take from the command line rather than from its checkpoint."""
+    return {key for section, key, _ in TRAIN_FLAGS.values()
+            if (section == "model" or key == "image_size") and hasattr(args, key)}
 
 
 def given_train_settings(args: argparse.Namespace) -> set[str]:

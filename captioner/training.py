@@ -14,6 +14,7 @@ import random
 import signal
 import threading
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Collection
@@ -42,6 +43,7 @@ from .ema import ModelEMA
 from .engine import EpochTotals, NonFiniteLossError, compile_training_forward, evaluate, fill_feature_store, \
     prepare_images, train_one_epoch, warmup_cosine
 from .feature_cache import FeatureStore, records_digest, tensors_digest
+from .init_from import adopt_checkpoint_model, load_initial_weights
 from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
 from .models.captioner import Captioner
 from .shared_trunks import SharedTrunk, stored_settings
@@ -309,7 +311,7 @@ can be given some)."""
 
 
 def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extract_only: bool = False,
-        resume_changes: Collection[str] | None = None) -> dict[str, Any]:
+        resume_changes: Collection[str] | None = None, typed_model: Collection[str] | None = None) -> dict[str, Any]:
     """Train per `cfg`; with `resume`, continue from that checkpoint (its config wins for model and data).
 
     On a resume, `cfg` supplies only the RESUME_MAY_CHANGE settings, and with `resume_changes` only those of them
@@ -324,16 +326,20 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extrac
     Under torchrun every process runs this; each trains on its share of every batch (DistributedDataParallel),
     decodes its share of the validation split, and rank 0 alone logs and writes the run folder. The checkpoint
     format is the single-process one.
+
+    With cfg.train.init_from (and no `resume`), the new run starts from that checkpoint's model (init_from.py);
+    `typed_model` names the model settings typed on the command line, of which it may keep some.
     """
     dist, device_name = init_distributed(cfg.train.device)
     try:
-        return _fit(cfg, resume, progress, dist, device_name, extract_only, resume_changes)
+        return _fit(cfg, resume, progress, dist, device_name, extract_only, resume_changes, typed_model)
     finally:
         shutdown_distributed()
 
 
 def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str,
-         extract_only: bool = False, resume_changes: Collection[str] | None = None) -> dict[str, Any]:
+         extract_only: bool = False, resume_changes: Collection[str] | None = None,
+         typed_model: Collection[str] | None = None) -> dict[str, Any]:
     if not dist.is_main:
         logging.getLogger("captioner").setLevel(logging.WARNING)
         progress = False
@@ -356,6 +362,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                             ", ".join(f"{k}={getattr(saved.train, k)!r}" for k in overridden),
                             ", ".join(f"{k}={getattr(cfg.train, k)!r}" for k in overridden))
         cfg = saved
+    initial = adopt_checkpoint_model(cfg, typed_model) if payload is None and cfg.train.init_from else None
     out = check_writable_folder(cfg.train.out)
     if dist.is_main:
         for stale in remove_stale_temporaries(out):
@@ -364,8 +371,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     seed_everything(cfg.train.seed, cfg.train.deterministic)
 
     train_records, val_records = train_and_val_records(cfg)
-    if payload is not None:
-        tokenizer = tokenizer_from_payload(payload)
+    if payload is not None or initial is not None:
+        tokenizer = tokenizer_from_payload(payload if payload is not None else initial)
     else:  # trained once, by rank 0, and sent to the others
         trained = None
         if dist.is_main:
@@ -384,10 +391,13 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
              tokenizer.vocab_size, device, f", {dist.world_size} processes" if dist.enabled else "")
 
     try:
-        model = Captioner(replace(cfg.model, encoder_weights=start_weights), load_encoder_weights=payload is None)
-        model = model.to(device)
+        model = Captioner(replace(cfg.model, encoder_weights=start_weights),
+                          load_encoder_weights=payload is None and initial is None)
     except ValueError as exc:  # inconsistent model settings, e.g. --trainable-layers beyond --trunk-stages
         raise CaptionerError(f"model settings: {exc}") from None
+    if initial is not None:
+        load_initial_weights(model, initial, cfg.train.init_from)
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device, dist=dist)
     val_loader = make_loader(val_records, cfg, None, train=False, device=device, dist=dist)
@@ -404,7 +414,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         t.epochs * updates_per_epoch, t.scst_lr / t.lr if t.scst_epochs else 0.0))
     checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
-    if payload is None and start_weights == "none" and model.encoder.has_frozen_prefix:
+    if payload is None and initial is None and start_weights == "none" and model.encoder.has_frozen_prefix:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
     if t.ema_decay < 0 or t.ema_decay >= 1:
         raise CaptionerError(f"--ema-decay must be 0 (off) or in (0, 1), got {t.ema_decay}")
@@ -561,7 +571,9 @@ def cross_entropy_epochs(history: list[dict], planned: int) -> int:
 def skip_to_update(scheduler, update: int) -> None:
     """Move a step-indexed learning-rate schedule to `update` and set the optimizer's rates to its value there."""
     scheduler.last_epoch = update - 1
-    scheduler.step()
+    with warnings.catch_warnings():  # before any update (--epochs 0): torch warns that the schedule's first value is
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+        scheduler.step()  # skipped, which is the point here
 
 
 SCST_START = "scst_start.pt"  # in the run folder: the checkpoint the self-critical epochs started from
