@@ -158,7 +158,8 @@ def test_augment_benchmark_reports_both_places_from_the_same_images(synthetic_da
     repo = Path(__file__).resolve().parents[1]
     root = synthetic_as_flickr8k(synthetic_dataset, tmp_path / "flickr8k")
     proc = subprocess.run([sys.executable, str(repo / "scripts" / "benchmark_augment.py"), "--root", str(root),
-                           "--image-size", "32", "--batch-size", "8", "--workers", "1", "--rounds", "2"],
+                           "--image-size", "32", "--batch-size", "8", "--workers", "1", "--rounds", "2",
+                           "--step-batches", "1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout)
@@ -167,3 +168,5 @@ def test_augment_benchmark_reports_both_places_from_the_same_images(synthetic_da
     assert len(workers["images_per_s_rounds"]) == len(device["images_per_s_rounds"]) == 2
     assert workers["device_ms_per_batch"] == 0.0 and device["device_ms_per_batch"] > 0  # only one augments there
     assert workers["worker_ms_per_image"] > 0 and device["worker_ms_per_image"] > 0
+    assert len(workers["pretraining_images_per_s_rounds"]) == 2 and device["pretraining_images_per_s"] > 0
+    assert result["pretraining_images_per_s_ratio"] > 0
