@@ -42,10 +42,10 @@ def decode_options(args) -> DecodeOptions:
 
 def extract_features(args) -> int:
     """Fill the frozen-prefix feature cache of the run `train` would start with the same flags."""
-    from .train_cli import config_from_args, given_train_settings
+    from .train_cli import config_from_args, given_train_settings, typed_model_settings
 
     result = fit(config_from_args(args), resume=args.resume, progress=not args.no_progress, extract_only=True,
-                 resume_changes=given_train_settings(args))
+                 resume_changes=given_train_settings(args), typed_model=typed_model_settings(args))
     if result.pop("rank") == 0:
         print(json.dumps(result))
     return 0

@@ -4,9 +4,10 @@ Why: fine-tuning a trained captioner on other data, or giving a trained model se
 (`--epochs 0 --scst-epochs N`) with settings its own run did not have, without that run's optimizer state: an
 exported model (`captioner export`, a third of a training checkpoint or less) is enough. Unlike `--resume`, the
 run is new: its own folder, optimizer, schedule, epochs and data. What it takes from the checkpoint is the model:
-the architecture (the checkpoint's model settings), the weights, the tokenizer, and unless `--image-size` is
-given, the image size the model was trained at. Of the model settings, only
-`--trainable-layers` and `--dropout` may be changed on the command line; the trunk's stages are then re-split
+the architecture (the checkpoint's model settings), the weights (a moving-average checkpoint's average, which is
+what its "model" holds), the tokenizer, and unless `--image-size` is given, the image size the model was trained
+at. Of the model settings, only `--trainable-layers`, `--dropout`, `--attention-reg` and `--bow-weight` may be set
+differently (on the command line or in a --config file's model section); the trunk's stages are then re-split
 between the frozen prefix and the trained suffix, so the same weights load either way.
 """
 
@@ -25,8 +26,11 @@ from .errors import CaptionerError
 
 log = logging.getLogger(__name__)
 
-INIT_MAY_CHANGE = ("trainable_layers", "dropout")
-"""The model settings a run started with --init-from may set differently from its checkpoint."""
+INIT_MAY_CHANGE = ("trainable_layers", "dropout", "attention_reg", "bow_weight")
+"""The model settings a run started with --init-from may set differently from its checkpoint: which stages train,
+and the regularisers and loss weights, which change no weight's shape (the bag-of-words head exists while
+bow_weight is above 0, so that must stay so)."""
+IGNORED_WITH_INIT = ("encoder_weights",)  # the trunk's weights come from the checkpoint
 
 _TRUNK_KEY = re.compile(r"^encoder\.(prefix|suffix)\.(\d+)\.(.*)$")
 
@@ -45,13 +49,17 @@ def adopt_checkpoint_model(cfg: RunConfig, typed_model_settings: Collection[str]
                  path, saved_run.data.image_size)
         cfg.data.image_size = saved_run.data.image_size
     typed.discard("image_size")
-    conflicting = sorted(k for k in typed - set(INIT_MAY_CHANGE) if getattr(cfg.model, k) != getattr(saved, k))
+    conflicting = sorted(k for k in typed - set(INIT_MAY_CHANGE) - set(IGNORED_WITH_INIT)
+                         if getattr(cfg.model, k) != getattr(saved, k))
+    if "bow_weight" in typed and (cfg.model.bow_weight > 0) != (saved.bow_weight > 0):
+        conflicting.append("bow_weight")  # adds or removes the bag-of-words head
     if conflicting:
         flags = ", ".join(f"--{k.replace('_', '-')} {getattr(cfg.model, k)} (the model's: {getattr(saved, k)})"
                           for k in conflicting)
         raise CaptionerError(f"--init-from {path}: the run takes its model from that checkpoint, so {flags} cannot "
-                             f"change; of the model settings only "
-                             f"{', '.join('--' + k.replace('_', '-') for k in INIT_MAY_CHANGE)} may")
+                             f"change (flags or the --config file's model section); of the model settings only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in INIT_MAY_CHANGE)} may, and "
+                             "--bow-weight only while it stays above 0 or at 0")
     for key in INIT_MAY_CHANGE:
         if key in typed:
             setattr(saved, key, getattr(cfg.model, key))

@@ -117,10 +117,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def typed_model_settings(args: argparse.Namespace) -> set[str]:
-    """The model settings, and the image size, typed as flags on this command line (not those of a --config
-    file): what a run started with --init-from may take from the command line rather than from its checkpoint."""
-    return {key for section, key, _ in TRAIN_FLAGS.values()
-            if (section == "model" or key == "image_size") and hasattr(args, key)}
+    """The model settings and the image size this command line sets: by a flag typed, or in the --config file's
+    "model" section (and its "data" section's image_size). A run started with --init-from takes the others from
+    its checkpoint; of these, those that would change the architecture are refused (init_from.py)."""
+    given = {key for section, key, _ in TRAIN_FLAGS.values()
+             if (section == "model" or key == "image_size") and hasattr(args, key)}
+    if args.config:  # already read and checked by config_from_args
+        saved = json.loads(Path(args.config).read_text())
+        given |= set(saved.get("model", {})) | ({"image_size"} & set(saved.get("data", {})))
+    return given
 
 
 def given_train_settings(args: argparse.Namespace) -> set[str]:

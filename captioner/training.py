@@ -395,8 +395,10 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                           load_encoder_weights=payload is None and initial is None)
     except ValueError as exc:  # inconsistent model settings, e.g. --trainable-layers beyond --trunk-stages
         raise CaptionerError(f"model settings: {exc}") from None
-    if initial is not None:
+    initialised = initial is not None
+    if initialised:
         load_initial_weights(model, initial, cfg.train.init_from)
+    initial = None  # the weights are in the model: the checkpoint (perhaps with AdamW's moments) is let go
     model = model.to(device)
     model = model.to(memory_format=torch.channels_last)
     train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device, dist=dist)
@@ -414,7 +416,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         t.epochs * updates_per_epoch, t.scst_lr / t.lr if t.scst_epochs else 0.0))
     checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
-    if payload is None and initial is None and start_weights == "none" and model.encoder.has_frozen_prefix:
+    if payload is None and not initialised and start_weights == "none" and model.encoder.has_frozen_prefix:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
     if t.ema_decay < 0 or t.ema_decay >= 1:
         raise CaptionerError(f"--ema-decay must be 0 (off) or in (0, 1), got {t.ema_decay}")

@@ -88,6 +88,30 @@ def test_settings_that_would_change_the_model_are_refused_by_name(synthetic_data
     assert "--decoder-layers 2 (the model's: 1)" in err and "--dim 48 (the model's: 32)" in err
     assert main([*data_flags(synthetic_dataset, tmp_path / "run"), "--init-from", str(tmp_path / "none.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    config = tmp_path / "wide.json"  # a --config file's model section counts as given, as flags do
+    config.write_text(json.dumps({"model": {"max_len": 17}}))
+    assert main([*data_flags(synthetic_dataset, tmp_path / "run"), "--config", str(config), "--init-from",
+                 str(trained_run / "best.pt")]) == 2
+    assert "--max-len 17 (the model's: " in capsys.readouterr().err
+    saved_bow = RunConfig.from_saved(load_checkpoint(trained_run / "best.pt")["config"], "x").model.bow_weight
+    other_bow = "0" if saved_bow > 0 else "0.5"  # a bag-of-words head added or removed: refused
+    assert main([*data_flags(synthetic_dataset, tmp_path / "run"), "--init-from", str(trained_run / "best.pt"),
+                 "--bow-weight", other_bow]) == 2
+    assert "--bow-weight" in capsys.readouterr().err
+
+
+def test_a_config_files_trainable_layers_and_extract_features_follow_the_same_rules(synthetic_dataset, trained_run,
+                                                                                  tmp_path):
+    config = tmp_path / "frozen.json"
+    config.write_text(json.dumps({"model": {"trainable_layers": 0, "dropout": 0.0}, "data": {"image_size": 48}}))
+    flags = data_flags(synthetic_dataset, tmp_path / "features")
+    at = flags.index("--image-size")
+    del flags[at:at + 2]
+    flags[0] = "extract-features"
+    assert main([*flags, "--config", str(config), "--init-from", str(trained_run / "best.pt")]) == 0
+    saved = RunConfig.load(tmp_path / "features" / "config.json")
+    assert (saved.model.trainable_layers, saved.model.dropout, saved.data.image_size) == (0, 0.0, 48)
+    assert saved.model.dim == 32 and any((tmp_path / "features" / "feature_cache").iterdir())
 
 
 def test_self_critical_epochs_alone_start_from_the_checkpoints_model(synthetic_dataset, trained_run, tmp_path):
