@@ -149,8 +149,9 @@ def export_checkpoint(source: str | Path, dest: str | Path, fp16: bool = False) 
     `load_model` turns back into fp32 parameters), the run config, the tokenizer and the epoch's metrics.
 
     Why: a training checkpoint carries AdamW's two moments per trained weight, three times the size of a model
-    whose every weight trains, and a user sharing or serving a model needs none of that. The file is marked `exported`, and `train --resume`
-    refuses it by name. A weight beyond fp16's range (65,504) is an error that names it, not a silent inf."""
+    whose every weight trains, and a user sharing or serving a model needs none of that. The file is marked
+    `exported`, and `train --resume` refuses it by name. A weight beyond fp16's range (65,504) is an error that
+    names it, not a silent inf."""
     source, dest = Path(source), Path(dest)
     if dest.exists() and dest.resolve() == source.resolve():
         raise CaptionerError(f"export: {dest} is the checkpoint being exported; give another file")

@@ -9,9 +9,10 @@ The choices stay where they were made before: `CaptionDataset(..., augment_later
 `AugmentDraw` from the item's own seeded generator (data/sampling.py), mirrors its captions when the draw says so,
 and sends the un-augmented image with the draw (`item["augment"]`, float32 (8,)); the collate stacks the draws
 (`Batch.augment`, (B, 8)). `augment_batch` then produces the same pixels TrainAugment would have, up to one or
-two grey levels at the few pixels where float rounding falls the other way, because training's crops never shrink: the crop comes from an image
-already at training size and is resized back to that size, so bilinear interpolation (grid_sample) equals
-torchvision's antialiased resize. `DeviceAugmentLoader` wraps a training loader and does this per batch.
+two grey levels at the few pixels where float rounding falls the other way, because training's crops never
+shrink: the crop comes from an image already at training size and is resized back to that size, so bilinear
+interpolation (grid_sample) equals torchvision's antialiased resize. `DeviceAugmentLoader` wraps a training
+loader and does this per batch.
 """
 
 from __future__ import annotations
