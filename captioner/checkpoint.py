@@ -125,7 +125,12 @@ def tokenizer_payload(tokenizer: Tokenizer) -> torch.Tensor:
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Captioner, Tokenizer, RunConfig]:
     """Checkpoint -> (model in eval mode on `device`, tokenizer, run config). Everything comes from the file."""
-    payload = load_checkpoint(path)
+    model, tokenizer, cfg = model_from_payload(load_checkpoint(path), path)
+    return model.to(device).eval(), tokenizer, cfg
+
+
+def model_from_payload(payload: dict[str, Any], path: str | Path) -> tuple[Captioner, Tokenizer, RunConfig]:
+    """A loaded checkpoint (from `path`, named in errors) -> (model on the CPU, tokenizer, run config)."""
     try:
         cfg = RunConfig.from_saved(payload["config"], source=f"checkpoint {path}")
         tokenizer = tokenizer_from_payload(payload)
@@ -135,7 +140,7 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[Ca
         raise
     except Exception as exc:
         raise CheckpointError(f"checkpoint {path} does not match this captioner's model: {exc}") from None
-    return model.to(device).eval(), tokenizer, cfg
+    return model, tokenizer, cfg
 
 
 # What captioning, evaluation and serving read from a checkpoint; the rest (optimizer, scheduler, RNG states,
@@ -156,7 +161,7 @@ def export_checkpoint(source: str | Path, dest: str | Path, fp16: bool = False) 
     if dest.exists() and dest.resolve() == source.resolve():
         raise CaptionerError(f"export: {dest} is the checkpoint being exported; give another file")
     payload = load_checkpoint(source)
-    load_model(source)  # a file that does not build this captioner's model fails here, naming the problem
+    model_from_payload(payload, source)  # a file that does not build this captioner's model fails here, named
     weights = clean_state_dict(payload["model"])
     if fp16:
         for name, tensor in weights.items():
