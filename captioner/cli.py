@@ -26,6 +26,10 @@ def _add_dataset_flags(p: argparse.ArgumentParser, default_split: str | None) ->
     g.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
 
 
+CHECKPOINTS_HELP = ("a checkpoint (RUN/best.pt or an exported file); repeated (--checkpoint A --checkpoint B), one "
+                    "ensemble that averages their next-token probabilities (same vocabulary and image size)")
+
+
 def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--beam-size", type=int, default=1, help="1 = greedy (default)")
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "does this first, inside the run)"))
 
     p = sub.add_parser("evaluate", help="decode a dataset split and score BLEU-1..4")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, action="append", help=CHECKPOINTS_HELP)
     _add_dataset_flags(p, default_split="test")
     _add_decoding_flags(p)
     p.add_argument("--out", default="", help="write the metrics JSON here")
@@ -76,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default="", help="write an HTML page of the best and worst captioned images")
 
     p = sub.add_parser("caption", help="caption image files or folders")
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, action="append", help=CHECKPOINTS_HELP)
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_DIR")
     _add_decoding_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line")

@@ -10,12 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 
 
-from .checkpoint import check_writable_folder, load_model
+from .checkpoint import check_writable_folder
 from .data.factory import evaluation_loader, load_records
 from .data.images import list_images, load_image
 from .data.records import ImageRecord
 from .decoding import DecodeOptions
 from .engine import decode_batches, evaluate as evaluate_loader
+from .ensemble import load_models
 from .errors import CaptionerError
 from .report import write_coco_results, write_error_report, write_per_image_scores
 from .training import existing_feature_store, fit, resolve_device
@@ -98,13 +99,15 @@ def train(args) -> int:
 def evaluate(args) -> int:
     options = decode_options(args)
     device = resolve_device(args.device)
-    model, tokenizer, cfg = load_model(args.checkpoint, device)
+    model, tokenizer, cfg = load_models(args.checkpoint, device)
     records = split_records(args)
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
-    loader.dataset.features = existing_feature_store(cfg, model, records, device)  # skips cached images' JPEGs
+    if len(args.checkpoint) == 1:  # an ensemble's members each run their whole trunk
+        loader.dataset.features = existing_feature_store(cfg, model, records, device)  # skips cached images' JPEGs
     evaluation = evaluate_loader(model, loader, tokenizer, device, options, progress=sys.stderr.isatty(),
                                  metrics=args.metrics)
-    metrics = dict(evaluation.metrics, checkpoint=str(args.checkpoint), dataset=args.dataset,
+    ensemble = {"ensemble": args.checkpoint} if len(args.checkpoint) > 1 else {}
+    metrics = dict(evaluation.metrics, checkpoint="+".join(args.checkpoint), **ensemble, dataset=args.dataset,
                    split=args.captions if args.dataset == "coco" else args.split, decoding=options.to_dict())
     if evaluation.skipped_metrics:
         metrics["skipped_metrics"] = evaluation.skipped_metrics
@@ -118,7 +121,7 @@ def evaluate(args) -> int:
     if args.per_image:
         write_per_image_scores(args.per_image, evaluation)
     if args.report:
-        write_error_report(args.report, evaluation, title=f"{args.checkpoint} on {metrics['split']}")
+        write_error_report(args.report, evaluation, title=f"{metrics['checkpoint']} on {metrics['split']}")
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     print(json.dumps(metrics))
@@ -130,7 +133,9 @@ def caption(args) -> int:
 
     options = decode_options(args)
     device = resolve_device(args.device)
-    model, tokenizer, cfg = load_model(args.checkpoint, device)
+    if args.attention and len(args.checkpoint) > 1:
+        raise CaptionerError("caption: --attention draws one model's attention; give one checkpoint with it")
+    model, tokenizer, cfg = load_models(args.checkpoint, device)
     try:
         paths = list_images(args.paths)
     except FileNotFoundError as exc:

@@ -1,4 +1,5 @@
-"""Decoding over the step interface (`init_state(memory)`, `step(tokens, state) -> (log_probs, state)`).
+"""Decoding over the step interface (`init_state(memory)`, `step(tokens, state) -> (log_probs, state)`, and
+`max_caption_len`, the most tokens a caption may have).
 
 Every decoder implements that interface, so greedy decoding, beam search and sampling here serve all of them.
 All three run batched: greedy and sampling over images (x samples), beam search over images x beams in one
@@ -282,7 +283,7 @@ def decode(model, memory: torch.Tensor, options: DecodeOptions | None = None, me
 
     `overrides` replace fields of `options` (e.g. `decode(model, memory, beam_size=3)`)."""
     options = replace(options or DecodeOptions(), **overrides)
-    options = replace(options, max_len=min(options.max_len, model.decoder.max_len))
+    options = replace(options, max_len=min(options.max_len, model.max_caption_len))
     if options.sample:
         return sample_decode(model, memory, options, memory_mask)
     if options.beam_size == 1 and options.num_return == 1:

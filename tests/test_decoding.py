@@ -42,8 +42,8 @@ class PeakedDecoder(torch.nn.Module):
 
     def __init__(self, model, sharpness):
         super().__init__()
-        self.inner, self.sharpness, self.decoder = model, sharpness, self
-        self.max_len = model.decoder.max_len
+        self.inner, self.sharpness = model, sharpness
+        self.max_caption_len = model.max_caption_len
 
     def init_state(self, memory, memory_mask=None):
         state = self.inner.init_state(memory, memory_mask)
@@ -100,7 +100,7 @@ class ScriptedDecoder(torch.nn.Module):
 
     def __init__(self, logits_fn, vocab=12):
         super().__init__()
-        self.logits_fn, self.vocab, self.decoder, self.max_len = logits_fn, vocab, self, 50
+        self.logits_fn, self.vocab, self.max_caption_len = logits_fn, vocab, 50
 
     def init_state(self, memory, memory_mask=None):
         return DecoderState(0, {"m": memory[:, 0, :1]})

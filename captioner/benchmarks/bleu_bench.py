@@ -1,6 +1,7 @@
 """`captioner bleu-bench`: several checkpoints x beam sizes x length penalties on one dataset split.
 
-Each checkpoint encodes the split's images once; every decoding setting then runs from that memory. The output
+Each checkpoint encodes the split's images once; every decoding setting then runs from that memory. An entry
+`A.pt+B.pt` is the ensemble of A and B (see captioner/ensemble.py), benchmarked like one checkpoint. The output
 folder holds everything needed to compare two benchmark runs:
 
     results.md, results.csv     one row per (checkpoint, beam size, length penalty): every metric, captions/s
@@ -26,10 +27,10 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
 from ..data.factory import evaluation_loader
 from ..decoding import DecodeOptions, decode
 from ..engine import Evaluation, autocast_for, encode_split
+from ..ensemble import load_models
 from ..errors import CaptionerError
 from ..report import write_coco_results, write_error_report, write_per_image_scores
 from ..scoring import score_captions
@@ -67,12 +68,33 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def ensemble_members(entry: str) -> list[str]:
+    """A --checkpoints entry -> the checkpoint files it names: 'A.pt+B.pt' is the ensemble of A.pt and B.pt.
+    Paths that hold a '+' themselves are recognised as long as they exist ('runs/a+b/best.pt+runs/c/best.pt' is
+    two files when runs/a+b/best.pt is one); otherwise the entry is cut at every '+', and the missing part is what
+    the error names."""
+    if Path(entry).is_file():
+        return [entry]
+    members, pending = [], ""
+    for part in entry.split("+"):
+        pending = f"{pending}+{part}" if pending else part
+        if Path(pending).is_file():
+            members.append(pending)
+            pending = ""
+    return members if not pending else entry.split("+")
+
+
+def _label(path: str) -> str:
+    """'RUN_best' for RUN/best.pt, made filesystem-safe."""
+    p = Path(path)
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{p.parent.name}_{p.stem}" if p.parent.name else p.stem)
+
+
 def _labels(checkpoints: list[str]) -> list[str]:
-    """Short unique names: 'RUN/best' for RUN/best.pt, made filesystem-safe."""
+    """Short unique names: 'RUN_best' for RUN/best.pt, 'RUNA_best+RUNB_best' for an ensemble entry."""
     labels = []
-    for path in checkpoints:
-        p = Path(path)
-        base = re.sub(r"[^A-Za-z0-9_.-]+", "-", f"{p.parent.name}_{p.stem}" if p.parent.name else p.stem)
+    for entry in checkpoints:
+        base = "+".join(_label(member) for member in ensemble_members(entry))
         label, n = base, 2
         while label in labels:
             label, n = f"{base}-{n}", n + 1
@@ -104,7 +126,7 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
     torch.manual_seed(seed)
     rows, evaluations, tokenization = [], {}, "normalised"
     for checkpoint, label in zip(checkpoints, _labels(checkpoints)):
-        model, tokenizer, cfg = load_model(checkpoint, device)
+        model, tokenizer, cfg = load_models(ensemble_members(checkpoint), device)
         loader = evaluation_loader(records, cfg.data.image_size, batch_size)
         memory, ids, references, paths = encode_split(model, loader, device)
         refs_by_id = dict(zip(ids, references))
@@ -139,7 +161,9 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
     run_info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
                 "seed": seed, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "dataset": dataset_args or {}, "split_hash": split_hash(records), "num_images": len(records),
-                "checkpoints": {str(c): file_hash(c) for c in checkpoints}, "beam_sizes": beam_sizes,
+                "entries": list(checkpoints),
+                "checkpoints": {path: file_hash(path) for entry in checkpoints for path in ensemble_members(entry)},
+                "beam_sizes": beam_sizes,
                 "length_penalties": length_penalties, "max_len": max_len, "metrics": metrics,
                 "tokenization": tokenization,
                 "skipped_metrics": skipped, "best_run": best["run"], "ranked_by": key}
@@ -193,7 +217,8 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoints", nargs="+", required=True)
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="checkpoints to compare; A.pt+B.pt is one entry, the ensemble of A.pt and B.pt")
     p.add_argument("--beam-sizes", nargs="+", type=int, default=[1, 3, 5])
     p.add_argument("--length-penalties", nargs="+", type=float, default=[0.0])
     p.add_argument("--metrics", choices=("bleu", "all"), default="bleu")
@@ -208,7 +233,7 @@ def run_from_args(args, records) -> int:
     """`captioner bleu-bench`: `records` is the split its dataset flags name."""
     from ..training import resolve_device
 
-    for checkpoint in args.checkpoints:
+    for checkpoint in (path for entry in args.checkpoints for path in ensemble_members(entry)):
         if not Path(checkpoint).is_file():
             raise CaptionerError(f"bleu-bench: checkpoint {checkpoint} does not exist")
     if any(k < 1 for k in args.beam_sizes):

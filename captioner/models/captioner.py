@@ -54,6 +54,11 @@ class Captioner(nn.Module):
         bow_features = self.encoder.out_channels if cfg.bow_input == "grid" else cfg.dim
         self.bow_head = nn.Linear(bow_features, cfg.vocab_size) if cfg.bow_weight > 0 else None
 
+    @property
+    def max_caption_len(self) -> int:
+        """The most tokens the decoder can write for one caption: decoding stops there."""
+        return self.decoder.max_len
+
     def token_centres(self, image_size: int) -> list[float]:
         """Where the memory tokens' cells are centred along each side of an image_size x image_size input, in
         input pixels (rows and columns alike): what attention maps need to be drawn over the image."""
