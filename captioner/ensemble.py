@@ -113,9 +113,10 @@ def load_models(paths: list[str | Path], device: torch.device | str = "cpu") -> 
     for path in paths[1:]:
         model, other_tokenizer, other_cfg = load_model(path, device)
         if not _same_vocabulary(tokenizer, other_tokenizer):
-            raise CaptionerError(f"ensemble: {path} has another vocabulary than {paths[0]} ({other_tokenizer.vocab_size}"
-                                 f" and {tokenizer.vocab_size} pieces, or the same number spelled differently); "
-                                 "members must share their tokenizer, e.g. runs trained on the same captions")
+            raise CaptionerError(f"ensemble: {path} has another vocabulary than {paths[0]} "
+                                 f"({other_tokenizer.vocab_size} and {tokenizer.vocab_size} pieces, or the same "
+                                 "number spelled differently); members must share their tokenizer, e.g. runs "
+                                 "trained on the same captions")
         if other_cfg.data.image_size != cfg.data.image_size:
             raise CaptionerError(f"ensemble: {path} reads {other_cfg.data.image_size} px images and {paths[0]} "
                                  f"{cfg.data.image_size} px; members must share the image size")

@@ -50,3 +50,24 @@ def test_missing_checkpoint_is_a_usage_error(synthetic_dataset, tmp_path, capsys
                  str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images), "--out",
                  str(tmp_path / "o")])
     assert code == 2 and "nope.pt" in capsys.readouterr().err
+
+
+def test_no_repeat_ngrams_are_a_dimension_of_the_benchmark(trained_run, synthetic_dataset, tmp_path):
+    """`--no-repeat-ngrams 0 2`: one run per ban, and the banned run's captions never repeat a word pair."""
+    out = tmp_path / "bench"
+    assert _bench(trained_run, synthetic_dataset, out, "--beam-sizes", "2", "--no-repeat-ngrams", "0", "2") == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    label = f"{trained_run.name}_best"
+    assert [(r["run"], r["no_repeat_ngram"]) for r in rows if r["run"].startswith(label)] == [
+        (f"{label}_beam2_lp0", "0"), (f"{label}_beam2_lp0_nr2", "2")]
+
+    def repeats_a_pair(caption):
+        words = caption.split()
+        pairs = list(zip(words, words[1:]))
+        return len(pairs) != len(set(pairs))
+
+    plain, banned = ([x["caption"] for x in json.loads((out / "results" / f"{run}.json").read_text())]
+                     for run in (f"{label}_beam2_lp0", f"{label}_beam2_lp0_nr2"))
+    assert any(repeats_a_pair(c) for c in plain)  # the tiny model repeats itself without the ban
+    assert not any(repeats_a_pair(c) for c in banned)
+    assert json.loads((out / "run.json").read_text())["no_repeat_ngrams"] == [0, 2]

@@ -1,10 +1,11 @@
-"""`captioner bleu-bench`: several checkpoints x beam sizes x length penalties on one dataset split.
+"""`captioner bleu-bench`: several checkpoints x beam sizes x length penalties (x n-gram bans) on one dataset split.
 
 Each checkpoint encodes the split's images once; every decoding setting then runs from that memory. An entry
 `A.pt+B.pt` is the ensemble of A and B (see captioner/ensemble.py), benchmarked like one checkpoint. The output
 folder holds everything needed to compare two benchmark runs:
 
-    results.md, results.csv     one row per (checkpoint, beam size, length penalty): every metric, captions/s
+    results.md, results.csv     one row per (checkpoint, beam size, length penalty, n-gram ban): every metric,
+                                captions/s
     bleu_vs_beam.png            BLEU-4 (and CIDEr-D) against beam size, one line per checkpoint (and penalty)
     results/<run>.json          the COCO results file of each run
     per_image/<run>.jsonl       per-image captions, references and scores of each run
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import platform
 import re
@@ -118,8 +120,10 @@ def _decode_memory(model, memory: torch.Tensor, tokenizer, options: DecodeOption
 def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalties: list[float], records,
                    out_dir: str | Path, device: torch.device, metrics: str = "bleu", batch_size: int = 64,
                    max_len: int = 30, seed: int = 0, dataset_args: dict | None = None,
-                   progress: bool = False) -> list[dict]:
-    """Evaluate every checkpoint x beam size x length penalty; write the output folder; return the table rows."""
+                   progress: bool = False, no_repeat_ngrams: list[int] | None = None) -> list[dict]:
+    """Evaluate every checkpoint x beam size x length penalty x n-gram ban (`no_repeat_ngrams`, default [0]: none);
+    write the output folder; return the table rows. A run's name ends in `_nrN` when it bans repeated N-grams."""
+    no_repeat_ngrams = no_repeat_ngrams or [0]
     out = Path(out_dir)
     for sub in ("results", "per_image"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -131,13 +135,15 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
         memory, ids, references, paths = encode_split(model, loader, device)
         refs_by_id = dict(zip(ids, references))
         for beam in beam_sizes:
-            for penalty in length_penalties:
-                options = DecodeOptions(beam_size=beam, max_len=max_len, length_penalty=penalty, seed=seed)
+            for penalty, no_repeat in itertools.product(length_penalties, no_repeat_ngrams):
+                options = DecodeOptions(beam_size=beam, max_len=max_len, length_penalty=penalty, seed=seed,
+                                        no_repeat_ngram=no_repeat)
                 texts, seconds = _decode_memory(model, memory, tokenizer, options, batch_size, device)
                 captions = dict(zip(ids, texts))
                 corpus, per_image, skipped = score_captions(refs_by_id, captions, metrics)
-                run = f"{label}_beam{beam}_lp{penalty:g}"
+                run = f"{label}_beam{beam}_lp{penalty:g}" + (f"_nr{no_repeat}" if no_repeat else "")
                 row = {"run": run, "checkpoint": str(checkpoint), "beam_size": beam, "length_penalty": penalty,
+                       "no_repeat_ngram": no_repeat,
                        **{k: round(v, 6) for k, v in corpus.items() if isinstance(v, float)},
                        "num_images": len(captions),
                        "captions_per_s": round(len(captions) / max(seconds, 1e-9), 1),
@@ -164,7 +170,8 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
                 "entries": list(checkpoints),
                 "checkpoints": {path: file_hash(path) for entry in checkpoints for path in ensemble_members(entry)},
                 "beam_sizes": beam_sizes,
-                "length_penalties": length_penalties, "max_len": max_len, "metrics": metrics,
+                "length_penalties": length_penalties, "no_repeat_ngrams": no_repeat_ngrams, "max_len": max_len,
+                "metrics": metrics,
                 "tokenization": tokenization,
                 "skipped_metrics": skipped, "best_run": best["run"], "ranked_by": key}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
@@ -173,7 +180,8 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
 
 def _columns(rows: list[dict]) -> list[str]:
     metric_columns = [m for m in TABLE_METRICS if m in rows[0]]
-    return ["run", "beam_size", "length_penalty", *metric_columns, "captions_per_s", "num_images", "checkpoint"]
+    return ["run", "beam_size", "length_penalty", "no_repeat_ngram", *metric_columns, "captions_per_s", "num_images",
+            "checkpoint"]
 
 
 def _write_tables(rows: list[dict], out: Path) -> None:
@@ -198,10 +206,12 @@ def _plot(rows: list[dict], path: Path) -> None:
     panels = [m for m in ("Bleu_4", "CIDEr") if m in rows[0]]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     several_penalties = len({r["length_penalty"] for r in rows}) > 1
+    several_bans = len({r["no_repeat_ngram"] for r in rows}) > 1
     for ax, metric in zip(axes[0], panels):
         lines: dict[str, list[tuple[int, float]]] = {}
         for r in rows:
-            name = r["run"].rsplit("_beam", 1)[0] + (f" lp {r['length_penalty']:g}" if several_penalties else "")
+            name = (r["run"].rsplit("_beam", 1)[0] + (f" lp {r['length_penalty']:g}" if several_penalties else "")
+                    + (f" no-repeat {r['no_repeat_ngram']}" if several_bans else ""))
             lines.setdefault(name, []).append((r["beam_size"], r[metric]))
         for name, points in lines.items():
             points.sort()
@@ -221,6 +231,8 @@ def add_arguments(p) -> None:
                    help="checkpoints to compare; A.pt+B.pt is one entry, the ensemble of A.pt and B.pt")
     p.add_argument("--beam-sizes", nargs="+", type=int, default=[1, 3, 5])
     p.add_argument("--length-penalties", nargs="+", type=float, default=[0.0])
+    p.add_argument("--no-repeat-ngrams", nargs="+", type=int, default=[0],
+                   help="n-gram sizes never repeated in a caption, each its own run (0 = no ban)")
     p.add_argument("--metrics", choices=("bleu", "all"), default="bleu")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--max-len", type=int, default=30)
@@ -238,11 +250,13 @@ def run_from_args(args, records) -> int:
             raise CaptionerError(f"bleu-bench: checkpoint {checkpoint} does not exist")
     if any(k < 1 for k in args.beam_sizes):
         raise CaptionerError(f"bleu-bench: beam sizes must be >= 1, got {args.beam_sizes}")
+    if any(n < 0 for n in args.no_repeat_ngrams):
+        raise CaptionerError(f"bleu-bench: --no-repeat-ngrams must be >= 0, got {args.no_repeat_ngrams}")
     dataset_args = {k: getattr(args, k) for k in ("dataset", "captions", "images", "root", "karpathy_json", "split",
                                                    "limit")}
     rows = run_bleu_bench(args.checkpoints, args.beam_sizes, args.length_penalties, records, args.out,
                           resolve_device(args.device), args.metrics, args.batch_size, args.max_len, args.seed,
-                          dataset_args, progress=True)
+                          dataset_args, progress=True, no_repeat_ngrams=args.no_repeat_ngrams)
     print(Path(args.out, "results.md").read_text(), end="")
     print(json.dumps({"out": str(args.out), "runs": len(rows)}))
     return 0
