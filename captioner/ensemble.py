@@ -38,7 +38,6 @@ class Ensemble(nn.Module):
         if len(members) < 2:
             raise ValueError("an ensemble needs at least two members")
         self.members = nn.ModuleList(members)
-        self.image_size = image_size
         self.max_caption_len = min(member.max_caption_len for member in members)
         self.memory_shapes = self._memory_shapes(image_size)  # per member (N_i, D_i)
 
