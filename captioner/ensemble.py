@@ -3,8 +3,8 @@ of the members' distributions.
 
 Why: models trained from different seeds (or with different settings) make partly independent mistakes, and
 averaging their probabilities keeps what they agree on. It is the usual way to trade decoding time for caption
-quality once single models stop improving, and `evaluate`, `caption` and `bleu-bench` take several checkpoints
-for it (`--checkpoint A --checkpoint B`, bleu-bench's entry `A+B`).
+quality once single models stop improving, and `evaluate`, `caption`, `serve` and `bleu-bench` take several
+checkpoints for it (`--checkpoint A --checkpoint B`, bleu-bench's entry `A+B`).
 
 An Ensemble offers what decoding asks of a Captioner (`encode`, `init_state`, `step`, `max_caption_len`), so
 greedy decoding, sampling and beam search run on it unchanged. The members must share the vocabulary (their

@@ -1,14 +1,18 @@
-"""`captioner serve`: a web page and a JSON API that caption uploaded images with one loaded checkpoint.
+"""`captioner serve`: a web page and a JSON API that caption uploaded images with one loaded checkpoint, or with
+several decoding as one ensemble (ensemble.py).
 
 Standard library only (http.server): one model in memory and one lock around it, so concurrent requests are
 decoded one at a time while reading uploads and decoding JPEGs run in parallel in the request threads (attention
-figures are drawn one at a time too, under their own lock). The listen backlog is raised from http.server's 5 so a burst of simultaneous clients is queued by
-the kernel instead of refused. Binds to 127.0.0.1 unless told otherwise: the page has no authentication.
+figures are drawn one at a time too, under their own lock). The listen backlog is raised from http.server's 5 so a
+burst of simultaneous clients is queued by the kernel instead of refused. Binds to 127.0.0.1 unless told otherwise:
+the page has no authentication.
 
 API: POST /api/caption, multipart/form-data with a file field `image` and optional fields `beam_size`
-(1..MAX_BEAM_SIZE, default 1), `num_captions` (1..beam_size, default 1) and `attention` (1 to add per-word
-attention maps and the figure). Errors come back as {"error": message} with a 4xx status. GET /api/health
-describes the model and the limits.
+(1..MAX_BEAM_SIZE, default 1), `num_captions` (1..beam_size, default 1), `length_penalty` (0..MAX_LENGTH_PENALTY)
+and `no_repeat_ngram` (0..MAX_NO_REPEAT_NGRAM; both default to the server's --length-penalty and --no-repeat-ngram)
+and `attention` (1 to add per-word attention maps and the figure; one model's, so not for an ensemble). Errors
+come back as {"error": message} with a 4xx status. GET /api/health describes the model, the decoding defaults and
+the limits.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from .data.images import load_image_bytes
 from .data.transforms import resize_to_tensor
 from .decoding import DecodeOptions
 from .engine import decode_images
+from .ensemble import Ensemble
 from .errors import CaptionerError, ImageReadError
 from .multipart import MultipartError, parse_form
 from .text import Tokenizer
@@ -41,6 +46,8 @@ from .text import Tokenizer
 log = logging.getLogger(__name__)
 
 MAX_BEAM_SIZE = 8
+MAX_LENGTH_PENALTY = 5.0  # GNMT alpha; published settings lie within 0..2
+MAX_NO_REPEAT_NGRAM = 10
 PAGE = Path(__file__).with_name("serve_page.html")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
@@ -59,34 +66,67 @@ class RequestError(Exception):
         self.status, self.message = status, message
 
 
+@dataclass(frozen=True)
+class RankingDefaults:
+    """How the server ranks and restricts beams when a request does not say (serve's --length-penalty and
+    --no-repeat-ngram): the decoding setting chosen on a dev split belongs to the model, not to each client."""
+    length_penalty: float = 0.0
+    no_repeat_ngram: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise CaptionerError(f"--length-penalty must be between 0 and {MAX_LENGTH_PENALTY:g}, "
+                                 f"got {self.length_penalty:g}")
+        if not 0 <= self.no_repeat_ngram <= MAX_NO_REPEAT_NGRAM:
+            raise CaptionerError(f"--no-repeat-ngram must be between 0 and {MAX_NO_REPEAT_NGRAM}, "
+                                 f"got {self.no_repeat_ngram}")
+
+
 class CaptionService:
-    """Captions PIL images with one model. Inference holds a lock: a model is not safe to run from several
-    threads at once (and on a CPU, parallel requests would only share the same cores). Drawing attention
-    figures holds another, since matplotlib does not promise thread safety; it does not hold up captioning."""
+    """Captions PIL images with one model (a Captioner or an Ensemble). Inference holds a lock: a model is not
+    safe to run from several threads at once (and on a CPU, parallel requests would only share the same cores).
+    Drawing attention figures holds another, since matplotlib does not promise thread safety; it does not hold up
+    captioning. An ensemble has no attention maps: its members look at different memory tokens."""
 
     def __init__(self, model, tokenizer: Tokenizer, image_size: int, device: torch.device,
-                 attention_layer: int = -1, checkpoint: str = ""):
+                 attention_layer: int = -1, checkpoint: str = "", defaults: RankingDefaults | None = None):
         self.model, self.tokenizer, self.image_size, self.device = model.eval(), tokenizer, image_size, device
-        self.attention_layer = visualize.check_attention_layer(model, attention_layer)
+        self.members = list(model.members) if isinstance(model, Ensemble) else [model]
+        self.draws_attention = len(self.members) == 1
+        self.attention_layer = visualize.check_attention_layer(model, attention_layer) if self.draws_attention \
+            else None
         self.checkpoint = checkpoint
+        self.defaults = defaults or RankingDefaults()
         self.lock = threading.Lock()
         self.drawing = threading.Lock()
-        self.placement = visualize.cell_placement(model, image_size)
+        self.placement = visualize.cell_placement(model, image_size) if self.draws_attention else None
 
     def describe(self) -> dict:
-        cfg = self.model.cfg
-        return {"checkpoint": self.checkpoint, "decoder": cfg.decoder, "bridge": cfg.bridge,
-                "image_size": self.image_size, "vocab_size": cfg.vocab_size, "attention_layer": self.attention_layer,
-                "max_beam_size": MAX_BEAM_SIZE}
+        """decoder and bridge: the model's, or the members' joined by "+" for an ensemble."""
+        return {"checkpoint": self.checkpoint, "models": len(self.members),
+                "decoder": "+".join(member.cfg.decoder for member in self.members),
+                "bridge": "+".join(member.cfg.bridge for member in self.members),
+                "image_size": self.image_size, "vocab_size": self.tokenizer.vocab_size,
+                "attention": self.draws_attention, "attention_layer": self.attention_layer,
+                "max_beam_size": MAX_BEAM_SIZE, "length_penalty": self.defaults.length_penalty,
+                "no_repeat_ngram": self.defaults.no_repeat_ngram}
 
-    def caption(self, image: Image.Image, beam_size: int = 1, num_captions: int = 1, attention: bool = False) -> dict:
-        """-> {"captions": [{"caption", "score"}, ...] best first [, "attention": {...} for the best one]}."""
-        options = DecodeOptions(beam_size=beam_size, num_return=num_captions,
+    def caption(self, image: Image.Image, beam_size: int = 1, num_captions: int = 1, attention: bool = False,
+                length_penalty: float | None = None, no_repeat_ngram: int | None = None) -> dict:
+        """-> {"captions": [{"caption", "score"}, ...] best first [, "attention": {...} for the best one]} and
+        the settings used. length_penalty and no_repeat_ngram: None takes the server's default."""
+        if attention and not self.draws_attention:
+            raise RequestError(HTTPStatus.BAD_REQUEST, f"attention maps are one model's, and this server decodes "
+                               f"an ensemble of {len(self.members)} checkpoints; ask without attention")
+        length_penalty = self.defaults.length_penalty if length_penalty is None else length_penalty
+        no_repeat_ngram = self.defaults.no_repeat_ngram if no_repeat_ngram is None else no_repeat_ngram
+        options = DecodeOptions(beam_size=beam_size, num_return=num_captions, length_penalty=length_penalty,
+                                no_repeat_ngram=no_repeat_ngram,
                                 attention_layer=self.attention_layer if attention else None)
         pixels = resize_to_tensor(image, self.image_size)[None]  # (1, 3, S, S) uint8
         with self.lock:
             hypotheses = decode_images(self.model, pixels, self.device, options)[0]
-        result = {"beam_size": beam_size,
+        result = {"beam_size": beam_size, "length_penalty": length_penalty, "no_repeat_ngram": no_repeat_ngram,
                   "captions": [{"caption": self.tokenizer.decode(h.tokens), "score": round(h.score, 4)}
                                for h in hypotheses]}
         if attention:
@@ -124,16 +164,18 @@ def read_image(data: bytes, name: str, limits: Limits) -> Image.Image:
         raise RequestError(HTTPStatus.BAD_REQUEST, str(exc)) from None
 
 
-def _int_field(form, name: str, default: int, low: int, high: int) -> int:
+def _number_field(form, name: str, default, low, high, kind=int):
+    """The form field `name` as a `kind` (int or float) within low..high; `default` when absent or blank."""
     part = form.get(name)
     if part is None or not part.data.strip():
         return default
     try:
-        value = int(part.data.decode("ascii").strip())
+        value = kind(part.data.decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be an integer, got {part.data[:20]!r}") from None
-    if not low <= value <= high:
-        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be between {low} and {high}, got {value}")
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                           f"got {part.data[:20]!r}") from None
+    if not low <= value <= high:  # also refuses nan
+        raise RequestError(HTTPStatus.BAD_REQUEST, f"{name} must be between {low:g} and {high:g}, got {value:g}")
     return value
 
 
@@ -147,12 +189,14 @@ def caption_request(service: CaptionService, body: bytes, content_type: str, lim
     part = form.get("image")
     if part is None:
         raise RequestError(HTTPStatus.BAD_REQUEST, "no file field 'image' in the form")
-    beam_size = _int_field(form, "beam_size", 1, 1, MAX_BEAM_SIZE)
-    num_captions = _int_field(form, "num_captions", 1, 1, beam_size)
+    beam_size = _number_field(form, "beam_size", 1, 1, MAX_BEAM_SIZE)
+    num_captions = _number_field(form, "num_captions", 1, 1, beam_size)
+    length_penalty = _number_field(form, "length_penalty", None, 0.0, MAX_LENGTH_PENALTY, float)
+    no_repeat_ngram = _number_field(form, "no_repeat_ngram", None, 0, MAX_NO_REPEAT_NGRAM)
     attention = form["attention"].data.strip() in (b"1", b"true", b"on") if "attention" in form else False
     name = part.filename or "image"
     image = read_image(part.data, name, limits)
-    result = service.caption(image, beam_size, num_captions, attention)
+    result = service.caption(image, beam_size, num_captions, attention, length_penalty, no_repeat_ngram)
     return {"image": {"name": name, "width": image.width, "height": image.height}, **result}
 
 
@@ -272,14 +316,16 @@ def make_server(service: CaptionService, host: str = "127.0.0.1", port: int = 80
 
 
 def run_from_args(args) -> int:
-    from .checkpoint import load_model
+    from .ensemble import load_models
     from .training import resolve_device
 
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise CaptionerError("--max-upload-mb and --max-pixels must be positive")
+    defaults = RankingDefaults(args.length_penalty, args.no_repeat_ngram)
     device = resolve_device(args.device)
-    model, tokenizer, cfg = load_model(args.checkpoint, device)
-    service = CaptionService(model, tokenizer, cfg.data.image_size, device, args.attention_layer, str(args.checkpoint))
+    model, tokenizer, cfg = load_models(args.checkpoint, device)
+    service = CaptionService(model, tokenizer, cfg.data.image_size, device, args.attention_layer,
+                             "+".join(args.checkpoint), defaults)
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
     server = make_server(service, args.host, args.port, limits)
     if args.host not in LOOPBACK_HOSTS:
@@ -296,12 +342,18 @@ def run_from_args(args) -> int:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, action="append",
+                   help="a checkpoint (RUN/best.pt or an exported file); repeated, one ensemble that averages their "
+                        "next-token probabilities (same vocabulary and image size; no attention maps)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--attention-layer", type=int, default=-1,
                    help="Transformer decoder layer whose cross-attention the page shows (-1 = last)")
+    p.add_argument("--length-penalty", type=float, default=0.0,
+                   help="GNMT alpha ranking the beams of requests that do not send length_penalty (0 = raw)")
+    p.add_argument("--no-repeat-ngram", type=int, default=0,
+                   help="n-gram size no caption repeats, for requests that do not send no_repeat_ngram (0 = off)")
     p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_bytes / 2**20,
                    help="largest request body accepted, in MiB (default: %(default)g)")
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels,

@@ -20,12 +20,15 @@ import pytest
 import torch
 
 from captioner.checkpoint import load_model
+from captioner.cli import build_parser
 from captioner.data.factory import evaluation_loader
 from captioner.data.records import ImageRecord
 from captioner.decoding import DecodeOptions
 from captioner.engine import caption_batches
 from captioner.multipart import MultipartError, parse_form
-from captioner.serve import CaptionService, Limits, make_server
+from captioner.ensemble import load_models
+from captioner.errors import CaptionerError
+from captioner.serve import CaptionService, Limits, RankingDefaults, make_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -264,9 +267,85 @@ def test_api_refusals_have_a_status_and_a_message(small_limits_server, synthetic
     assert status == 200 and 'id="file"' in page and "/api/caption" in page
 
 
-def test_server_binds_loopback_by_default():
-    from captioner.cli import build_parser
+@pytest.fixture(scope="module")
+def ensemble_server(trained_run):
+    """`serve --checkpoint A --checkpoint A --length-penalty 1 --no-repeat-ngram 1`, in process: yields its URL.
+    An ensemble of a model with itself captions as that model does."""
+    best = str(trained_run / "best.pt")
+    args = build_parser().parse_args(["serve", "--checkpoint", best, "--checkpoint", best, "--length-penalty", "1",
+                                      "--no-repeat-ngram", "1"])
+    assert args.checkpoint == [best, best]
+    model, tokenizer, cfg = load_models(args.checkpoint, "cpu")
+    service = CaptionService(model, tokenizer, cfg.data.image_size, torch.device("cpu"),
+                             checkpoint="+".join(args.checkpoint),
+                             defaults=RankingDefaults(args.length_penalty, args.no_repeat_ngram))
+    server = make_server(service, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.url
+    server.shutdown()
+    server.server_close()
 
+
+def _image_the_ban_changes(checkpoint: Path, paths: list[Path], beam_size: int, num_captions: int):
+    """-> (an image whose captions the server's defaults change, its captions without them, with them)."""
+    plain = direct_captions(checkpoint, paths, DecodeOptions(beam_size=beam_size, num_return=num_captions))
+    banned = direct_captions(checkpoint, paths, DecodeOptions(beam_size=beam_size, num_return=num_captions,
+                                                              length_penalty=1.0, no_repeat_ngram=1))
+    changed = [p for p in paths if [c for c, _ in plain[str(p)]] != [c for c, _ in banned[str(p)]]]
+    assert changed, "the tiny model repeats no word on any image: the checks would not see the ban"
+    return changed[0], plain[str(changed[0])], banned[str(changed[0])]
+
+
+def test_an_ensemble_server_ranks_with_its_defaults_or_the_request_settings_and_refuses_attention(
+        ensemble_server, trained_run, synthetic_dataset):
+    url, best = ensemble_server, trained_run / "best.pt"
+    image, plain, banned = _image_the_ban_changes(best, sorted(synthetic_dataset.val_images.iterdir()), 3, 2)
+
+    status, reply = post_caption(url, image.read_bytes(), beam_size=3, num_captions=2)
+    assert status == 200 and (reply["length_penalty"], reply["no_repeat_ngram"]) == (1.0, 1)
+    assert [c["caption"] for c in reply["captions"]] == [c for c, _ in banned]
+    assert [c["score"] for c in reply["captions"]] == pytest.approx([s for _, s in banned], abs=2e-3)
+
+    status, reply = post_caption(url, image.read_bytes(), beam_size=3, num_captions=2, length_penalty=0,
+                                 no_repeat_ngram=0)
+    assert status == 200 and (reply["length_penalty"], reply["no_repeat_ngram"]) == (0.0, 0)
+    assert [c["caption"] for c in reply["captions"]] == [c for c, _ in plain]
+    assert [c["score"] for c in reply["captions"]] == pytest.approx([s for _, s in plain], abs=2e-3)
+
+    status, reply = post_caption(url, image.read_bytes(), attention=1)
+    assert status == 400 and "ensemble of 2 checkpoints" in reply["error"]
+    for field, value, message in (("length_penalty", "-1", "between 0 and 5"), ("length_penalty", "nan", "between"),
+                                  ("no_repeat_ngram", "1.5", "must be an integer"),
+                                  ("no_repeat_ngram", "11", "between 0 and 10")):
+        status, reply = post_caption(url, image.read_bytes(), **{field: value})
+        assert status == 400 and field in reply["error"] and message in reply["error"], (field, value, reply)
+    status, health = _request(url + "api/health")
+    assert status == 200 and health["models"] == 2 and health["attention"] is False
+    assert health["decoder"] == "transformer+transformer" and health["checkpoint"] == f"{best}+{best}"
+    assert (health["length_penalty"], health["no_repeat_ngram"]) == (1.0, 1)
+    with pytest.raises(CaptionerError, match="--no-repeat-ngram must be between 0 and 10, got -1"):
+        RankingDefaults(no_repeat_ngram=-1)
+
+
+def test_page_of_an_ensemble_server_captions_without_attention(ensemble_server, browser, trained_run,
+                                                               synthetic_dataset):
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    image, _, banned = _image_the_ban_changes(trained_run / "best.pt", sorted(synthetic_dataset.val_images.iterdir()),
+                                              3, 1)
+    browser.get(ensemble_server)
+    WebDriverWait(browser, 60).until(lambda b: "ensemble of 2 checkpoints" in b.find_element("id", "model").text)
+    checkbox = browser.find_element("id", "show-attention")
+    assert not checkbox.is_enabled() and not checkbox.is_selected()
+    Select(browser.find_element("id", "beam")).select_by_value("3")
+    Select(browser.find_element("id", "nbest")).select_by_value("1")
+    browser.find_element("id", "file").send_keys(str(image))
+    assert _wait_state(browser, ("done", "error")) == "done", browser.find_element("id", "error").text
+    assert [el.text for el in browser.find_elements("css selector", "#captions li .caption")] == [banned[0][0]]
+    assert not browser.find_element("id", "attention").is_displayed()
+
+
+def test_server_binds_loopback_by_default():
     args = build_parser().parse_args(["serve", "--checkpoint", "x.pt"])
     assert args.host == "127.0.0.1" and args.port == 8000
 
