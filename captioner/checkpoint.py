@@ -71,18 +71,42 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
                                    f"{path.name}, if any, is intact)") from None
 
 
-def check_writable_folder(folder: str | Path) -> Path:
+def check_writable_folder(folder: str | Path, what: str = "the run folder") -> Path:
     """Create `folder` and prove a file can be written there, so a read-only or missing location fails at the
-    start of a run with a clear message instead of after its first hour of training."""
+    start of a run with a clear message instead of after its first hour of training (or a split's decoding)."""
     folder = Path(folder)
+    file_in_the_way = next((f for f in (folder, *folder.parents) if f.exists() and not f.is_dir()), None)
+    if file_in_the_way is not None:
+        raise CaptionerError(f"cannot write to {what} {folder}: {file_in_the_way} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise CaptionerError(f"cannot write to the run folder {folder}: {exc.strerror or exc}") from None
+        raise CaptionerError(f"cannot write to {what} {folder}: {exc.strerror or exc}") from None
     return folder
+
+
+def check_writable_file(path: str | Path, what: str) -> Path:
+    """Create the parent folder of the output file `path` and prove the file can be written there (an existing
+    file is opened for appending, so it keeps its content), before the work whose result it will hold."""
+    path = Path(path)
+    if path.is_dir():
+        raise CaptionerError(f"cannot write {what} {path}: it is a folder; give a file name")
+    file_in_the_way = next((f for f in path.parents if f.exists() and not f.is_dir()), None)
+    if file_in_the_way is not None:
+        raise CaptionerError(f"cannot write {what} {path}: {file_in_the_way} is a file, not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        existed = os.path.lexists(path)  # a link is left as it is, even one whose target is missing
+        with open(path, "a"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as exc:
+        raise CaptionerError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    return path
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -99,12 +123,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not magic:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes)")
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":  # torch.save's zip format, or its older plain pickle
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint: torch.save writes a zip archive (or "
+                              f"a pickle), and this file starts with {magic!r}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
-            f"checkpoint {path} cannot be loaded safely (weights_only=True refused it or it is corrupt): {first_line}"
+            f"checkpoint {path} ({path.stat().st_size} bytes) cannot be loaded safely (weights_only=True refused it, "
+            f"or it is truncated or corrupt): {first_line}"
         ) from None
     if not isinstance(payload, dict) or "model" not in payload or "config" not in payload:
         raise CheckpointError(f"checkpoint {path} is not a captioner checkpoint (no 'model'/'config' entries)")

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 
-from .checkpoint import check_writable_folder
+from .checkpoint import check_writable_file, check_writable_folder
 from .data.factory import evaluation_loader, load_records
 from .data.images import list_images, load_image
 from .data.records import ImageRecord
@@ -98,6 +98,10 @@ def train(args) -> int:
 
 def evaluate(args) -> int:
     options = decode_options(args)
+    for flag, path in (("--out", args.out), ("--results", args.results), ("--per-image", args.per_image),
+                       ("--report", args.report)):
+        if path:  # before decoding: a typo in an output path must not cost the split's decoding
+            check_writable_file(path, flag)
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_models(args.checkpoint, device)
     records = split_records(args)
@@ -136,18 +140,17 @@ def caption(args) -> int:
     if args.attention and len(args.checkpoint) > 1:
         raise CaptionerError("caption: --attention draws one model's attention; give one checkpoint with it")
     model, tokenizer, cfg = load_models(args.checkpoint, device)
-    try:
-        paths = list_images(args.paths)
-    except FileNotFoundError as exc:
-        raise CaptionerError(str(exc)) from None
+    # A path that does not exist is captioned like an unreadable image: reported by name, the rest go on
+    if not any(Path(raw).exists() for raw in args.paths):
+        raise CaptionerError(f"no such image file or folder: {', '.join(args.paths)}")
+    paths = [path for raw in args.paths for path in (list_images([raw]) if Path(raw).exists() else [Path(raw)])]
     if not paths:
         raise CaptionerError(f"no images found in {' '.join(args.paths)}")
     figures, used_names = None, set()
     if args.attention:
         options = replace(options, attention_layer=visualize.check_attention_layer(model, args.attention_layer))
-        figures = Path(args.attention)
+        figures = check_writable_folder(args.attention, "the --attention folder")
         placement = visualize.cell_placement(model, cfg.data.image_size)
-        figures.mkdir(parents=True, exist_ok=True)
     records = [ImageRecord(image_id=str(p), path=p, captions=()) for p in paths]
     loader = evaluation_loader(records, cfg.data.image_size, args.batch_size)
     for batch, hyps in decode_batches(model, loader, device, options):
@@ -173,7 +176,8 @@ def plot(args) -> int:
 
     run = Path(args.run)
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent)
-    written = plot_curves(read_log(run), out)
+    history = read_log(run)  # a missing log is named before any folder is made
+    written = plot_curves(history, check_writable_folder(out, "the plots' folder"))
     print(json.dumps({"plots": [str(p) for p in written]}))
     return 0
 

@@ -52,6 +52,8 @@ class DecodeOptions:
                             f"(or sampling), got beam size {self.beam_size}")
         if self.sample and self.beam_size > 1:
             problems.append("sampling and beam search are exclusive: use beam size 1 with sampling")
+        if not self.length_penalty >= 0:  # also refuses nan
+            problems.append(f"length penalty must be >= 0 (0 ranks by raw log-probability), got {self.length_penalty}")
         if self.no_repeat_ngram < 0:
             problems.append(f"no-repeat n-gram size must be >= 0, got {self.no_repeat_ngram}")
         if self.temperature <= 0:

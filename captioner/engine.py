@@ -372,7 +372,8 @@ def evaluate(model, loader: Iterable[Batch], tokenizer: Tokenizer, device: torch
         skipped = sum(share[3] for share in shares)
     decode_seconds = time.perf_counter() - started
     if not hypotheses:
-        raise CaptionerError("evaluation found no readable images")
+        raise CaptionerError(f"evaluation found no readable images ({skipped} skipped; the warnings above name each "
+                             "file and why)")
     corpus, per_image, skipped_metrics = score_captions(references, hypotheses, metrics)
     summary = {**corpus, "num_images": len(hypotheses), "skipped_images": skipped, "beam_size": options.beam_size,
                "captions_per_second": round(len(hypotheses) / max(decode_seconds, 1e-9), 2)}

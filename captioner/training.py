@@ -475,6 +475,9 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                 stats = _summed_over_processes(totals, dist, device).summary()
             totals = None
             train_seconds = time.time() - started
+            if stats["images"] == 0 and stats["skipped_images"] > 0:  # e.g. a wrong folder: nothing was learnt
+                raise CaptionerError(f"epoch {epoch}: no training image could be read ({stats['skipped_images']} "
+                                     "skipped; the warnings above name each file and why), so nothing was trained")
             _check_finite_weights(model, epoch)
             if ema is not None:
                 ema.broadcast_from_main(dist)  # every process decodes its share with rank 0's average

@@ -45,6 +45,26 @@ def test_split_hash_identifies_the_split(trained_run, synthetic_dataset, tmp_pat
     shutil.rmtree(tmp_path / "a")
 
 
+def test_a_rerun_into_the_same_folder_leaves_only_its_own_runs_there(trained_run, synthetic_dataset, tmp_path,
+                                                                     capsys):
+    out = tmp_path / "bench"
+    assert _bench(trained_run, synthetic_dataset, out) == 0  # 2 checkpoints x 2 beams
+    (out / "results" / "mine.json").write_text("[]")  # not a run of the earlier benchmark: left alone
+    assert _bench(trained_run, synthetic_dataset, out, "--beam-sizes", "1", "--limit", "4") == 0
+    assert "removed 4 per-run files of the earlier benchmark" in capsys.readouterr().err  # its two beam-2 runs
+    runs = {r["run"] for r in csv.DictReader(open(out / "results.csv"))}
+    assert len(runs) == 2
+    assert {p.stem for p in (out / "results").iterdir()} == runs | {"mine"}
+    assert {p.stem for p in (out / "per_image").iterdir()} == runs
+    assert all(len(json.loads((out / "results" / f"{run}.json").read_text())) == 4 for run in runs)
+    assert _bench(trained_run, synthetic_dataset, out, "--length-penalties", "-1") == 2
+    assert "--length-penalties must be >= 0" in capsys.readouterr().err
+
+    (tmp_path / "a_file").write_text("")
+    code = _bench(trained_run, synthetic_dataset, tmp_path / "a_file", "--beam-sizes", "1")
+    assert code == 2 and "cannot write to the bleu-bench folder" in capsys.readouterr().err
+
+
 def test_missing_checkpoint_is_a_usage_error(synthetic_dataset, tmp_path, capsys):
     code = main(["bleu-bench", "--checkpoints", str(tmp_path / "nope.pt"), "--dataset", "coco", "--captions",
                  str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images), "--out",

@@ -63,6 +63,21 @@ def test_corrupt_missing_and_foreign_files_give_clear_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a captioner checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(100))  # an image given as the checkpoint
+    with pytest.raises(CheckpointError,
+                       match=r"photo.jpg is not a PyTorch checkpoint.*starts with b'\\xff\\xd8") as caught:
+        load_checkpoint(tmp_path / "photo.jpg")
+    assert "weights_only" not in str(caught.value)  # no advice to load an unknown file unsafely
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pt is empty \(0 bytes\)"):
+        load_checkpoint(tmp_path / "empty.pt")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    with pytest.raises(CheckpointError, match="not a captioner checkpoint"):  # read, as torch's older format
+        load_checkpoint(tmp_path / "legacy.pt")
+    data = (tmp_path / "other.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=f"cut.pt \\({len(data) // 2} bytes\\).*truncated or corrupt"):
+        load_checkpoint(tmp_path / "cut.pt")
 
 
 # Each runs in a child process: one under a file-size limit (the kernel refuses writes past it with EFBIG,

@@ -247,7 +247,8 @@ def test_average_length_norm_ranks_by_mean_log_prob():
 
 @pytest.mark.parametrize("bad", [dict(beam_size=0), dict(num_return=3, beam_size=2), dict(sample=True, beam_size=3),
                                  dict(temperature=0.0), dict(top_p=0.0), dict(top_k=-1), dict(length_norm="x"),
-                                 dict(no_repeat_ngram=-1)])
+                                 dict(no_repeat_ngram=-1), dict(length_penalty=-1.0),
+                                 dict(length_penalty=float("nan"))])
 def test_bad_decoding_options_are_refused(bad):
     with pytest.raises(ValueError):
         DecodeOptions(**bad)

@@ -79,6 +79,72 @@ def test_caption_folder_of_every_bad_image_kind(trained_run, synthetic_dataset, 
     assert "decompression bomb" in proc.stderr and "empty" in proc.stderr and "truncated" in proc.stderr
 
 
+def test_caption_reports_a_missing_path_by_name_and_captions_the_rest(trained_run, synthetic_dataset, tmp_path):
+    photos = sorted(synthetic_dataset.val_images.iterdir())[:2]
+    missing = tmp_path / "missing.jpg"
+    proc = run_cli("caption", "--checkpoint", str(trained_run / "best.pt"), str(photos[0]), str(missing),
+                   str(photos[1]), "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert [line.split("\t")[0] for line in proc.stdout.splitlines()] == [str(photos[0]), str(photos[1])]
+    assert "missing.jpg" in proc.stderr and "not found" in proc.stderr
+    assert "1 of 3 image(s) could not be read" in proc.stderr
+    proc = run_cli("caption", "--checkpoint", str(trained_run / "best.pt"), str(missing), "--device", "cpu")
+    assert proc.returncode == 2 and "no such image file or folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_output_paths_are_checked_before_decoding_and_their_folders_made(trained_run, synthetic_dataset, tmp_path,
+                                                                        capsys, monkeypatch):
+    """A bad output path is one clear message before any decoding (no traceback, nothing lost after the work);
+    a missing parent folder is created."""
+    import captioner.commands
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder").mkdir()
+    evaluate = ["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--dataset", "coco", "--captions",
+                str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images), "--device", "cpu"]
+    real_evaluate = captioner.commands.evaluate_loader
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoding started before the output paths were checked")
+
+    monkeypatch.setattr(captioner.commands, "evaluate_loader", no_decoding)
+    for flag, path, message in (("--out", tmp_path / "a_folder", "it is a folder"),
+                                ("--per-image", tmp_path / "a_file" / "p.jsonl", f"{tmp_path / 'a_file'} is a file"),
+                                ("--results", tmp_path / "a_file" / "deeper" / "r.json",
+                                 f"{tmp_path / 'a_file'} is a file, not a folder")):
+        assert main([*evaluate, flag, str(path)]) == 2
+        assert f"cannot write {flag} {path}: {message}" in capsys.readouterr().err
+    monkeypatch.setattr(captioner.commands, "evaluate_loader", real_evaluate)
+    assert main([*evaluate, "--out", str(tmp_path / "new" / "deeper" / "metrics.json"), "--limit", "2"]) == 0
+    assert json.loads((tmp_path / "new" / "deeper" / "metrics.json").read_text())["num_images"] == 2
+
+    photo = sorted(synthetic_dataset.val_images.iterdir())[0]
+    proc = run_cli("caption", "--checkpoint", str(trained_run / "best.pt"), str(photo), "--attention",
+                   str(tmp_path / "a_file"), "--device", "cpu")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and not proc.stdout, proc.stderr
+    assert f"cannot write to the --attention folder {tmp_path / 'a_file'}: {tmp_path / 'a_file'} is a file, not a " \
+        "folder" in proc.stderr
+    proc = run_cli("plot", str(trained_run), "--out", str(tmp_path / "a_file" / "plots"))
+    assert proc.returncode == 2 and "cannot write to the plots' folder" in proc.stderr, proc.stderr
+    proc = run_cli("plot", str(tmp_path / "typo" / "run"), "--out", str(tmp_path / "plots"))
+    assert proc.returncode == 2 and not (tmp_path / "plots").exists(), proc.stderr
+
+
+def test_probing_an_output_file_changes_nothing_on_disk(tmp_path):
+    from captioner.checkpoint import check_writable_file
+
+    kept = tmp_path / "metrics.json"
+    kept.write_text('{"Bleu_4": 0.1}\n')
+    check_writable_file(kept, "--out")
+    assert kept.read_text() == '{"Bleu_4": 0.1}\n'
+    check_writable_file(tmp_path / "new.json", "--out")
+    assert not (tmp_path / "new.json").exists()
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")  # its target does not exist yet
+    check_writable_file(link, "--out")
+    assert link.is_symlink()
+
+
 def test_evaluate_reports_missing_and_unreadable_images_and_scores_the_rest(trained_run, synthetic_dataset,
                                                                             tmp_path):
     images = tmp_path / "val"
@@ -114,6 +180,27 @@ def test_training_skips_and_counts_unreadable_images_or_stops_with_strict(synthe
     proc = run_cli(*common, "--out", str(tmp_path / "strict"), "--strict")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert any(path.name in proc.stderr for path in bad) and "not a recognised image format" in proc.stderr
+
+
+def test_a_missing_image_folder_or_an_epoch_of_unreadable_images_stops_training(synthetic_dataset, tmp_path,
+                                                                                 capsys):
+    """Not a run that "succeeds" with every image skipped: the missing folder is named before anything starts,
+    and an epoch that could read no image at all ends the run instead of saving an untrained model."""
+    d = synthetic_dataset
+    common = ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--val-captions",
+              str(d.val_captions), "--val-images", str(d.val_images), "--epochs", "1", *TINY]
+    code = main([*common, "--train-images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "missing")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"image folder not found: {tmp_path / 'nowhere'}" in err and str(d.train_captions) in err
+    assert not (tmp_path / "missing" / "last.pt").exists()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()  # the folder is there, none of its images
+    code = main([*common, "--train-images", str(empty), "--out", str(tmp_path / "unreadable")])
+    assert code == 2
+    assert "epoch 1: no training image could be read (48 skipped" in capsys.readouterr().err
+    assert not (tmp_path / "unreadable" / "best.pt").exists()
 
 
 def test_run_folder_that_cannot_be_created_is_a_clear_error(synthetic_dataset, tmp_path, capsys):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import check_writable_folder
 from ..data.factory import evaluation_loader
 from ..decoding import DecodeOptions, decode
 from ..engine import Evaluation, autocast_for, encode_split
@@ -126,7 +127,8 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
     no_repeat_ngrams = no_repeat_ngrams or [0]
     out = Path(out_dir)
     for sub in ("results", "per_image"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        check_writable_folder(out / sub, "the bleu-bench folder")
+    earlier_runs = _runs_listed(out / "results.csv")  # a benchmark run into this folder before
     torch.manual_seed(seed)
     rows, evaluations, tokenization = [], {}, "normalised"
     for checkpoint, label in zip(checkpoints, _labels(checkpoints)):
@@ -158,6 +160,7 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
                 write_coco_results(out / "results" / f"{run}.json", captions)
                 write_per_image_scores(out / "per_image" / f"{run}.jsonl", evaluation)
         del model, memory
+    _remove_runs(out, earlier_runs - {row["run"] for row in rows})
     _write_tables(rows, out)
     _plot(rows, out / "bleu_vs_beam.png")
     key = "CIDEr" if "CIDEr" in rows[0] else "Bleu_4"
@@ -176,6 +179,30 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
                 "skipped_metrics": skipped, "best_run": best["run"], "ranked_by": key}
     (out / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     return rows
+
+
+def _runs_listed(results_csv: Path) -> set[str]:
+    """The run names of the benchmark whose table `results_csv` is (none when there is no such file)."""
+    try:
+        with open(results_csv, newline="") as f:
+            return {row["run"] for row in csv.DictReader(f) if row.get("run")}
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return set()
+
+
+def _remove_runs(out: Path, runs: set[str]) -> None:
+    """Remove the per-run files of an earlier benchmark's runs that this one did not redo, once this one has
+    finished: they would sit beside its runs, described by no table or run.json. Only files of runs the earlier
+    results.csv lists are touched."""
+    removed = 0
+    for run in runs:
+        for path in (out / "results" / f"{run}.json", out / "per_image" / f"{run}.jsonl"):
+            if path.is_file():
+                path.unlink()
+                removed += 1
+    if removed:
+        print(f"[bleu-bench] removed {removed} per-run files of the earlier benchmark in {out}", file=sys.stderr,
+              flush=True)
 
 
 def _columns(rows: list[dict]) -> list[str]:
@@ -250,6 +277,8 @@ def run_from_args(args, records) -> int:
             raise CaptionerError(f"bleu-bench: checkpoint {checkpoint} does not exist")
     if any(k < 1 for k in args.beam_sizes):
         raise CaptionerError(f"bleu-bench: beam sizes must be >= 1, got {args.beam_sizes}")
+    if not all(penalty >= 0 for penalty in args.length_penalties):  # also refuses nan
+        raise CaptionerError(f"bleu-bench: --length-penalties must be >= 0, got {args.length_penalties}")
     if any(n < 0 for n in args.no_repeat_ngrams):
         raise CaptionerError(f"bleu-bench: --no-repeat-ngrams must be >= 0, got {args.no_repeat_ngrams}")
     dataset_args = {k: getattr(args, k) for k in ("dataset", "captions", "images", "root", "karpathy_json", "split",

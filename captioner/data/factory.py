@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from torch.utils.data import DataLoader
 
-from ..errors import CaptionerError
+from ..errors import CaptionerError, DatasetFormatError
 from .collate import CaptionCollate
 from .dataset import CaptionDataset
 from .coco import load_coco
@@ -23,6 +25,7 @@ def load_records(dataset: str, split: str, *, captions: str = "", images: str = 
         if not captions or not images:
             raise CaptionerError(f"--dataset coco needs the {split} caption JSON and image folder")
         records = load_coco(captions, images)
+        _require_folder(images, f"the {split} image folder of {captions}")
     elif dataset == "flickr8k":
         if not root:
             raise CaptionerError("--dataset flickr8k needs --root (the folder holding Flickr8k_text/)")
@@ -31,11 +34,18 @@ def load_records(dataset: str, split: str, *, captions: str = "", images: str = 
         if not karpathy_json or not root:
             raise CaptionerError("--dataset karpathy needs --karpathy-json and --root (the image folder)")
         records = load_karpathy(karpathy_json, root, split)
+        _require_folder(root, f"--root, the image folder of {karpathy_json}")
     else:
         raise CaptionerError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if not records:
         raise CaptionerError(f"the {dataset} {split} split has no images with captions")
     return records
+
+
+def _require_folder(folder: str, what: str) -> None:
+    """A missing image folder is one clear error, not a run that skips every image with a warning each."""
+    if not Path(folder).is_dir():
+        raise DatasetFormatError(f"image folder not found: {folder} ({what})")
 
 
 def evaluation_loader(records, image_size: int, batch_size: int) -> DataLoader:
