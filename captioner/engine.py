@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -21,6 +22,12 @@ from .feature_cache import prefix_features
 from .scoring import score_captions
 from .models.lstm import doubly_stochastic_penalty
 from .text import PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+# Where no progress bar shows (output to a file or a pipe, as in batch jobs), a training epoch logs one line this
+# often, so a log shows a long epoch moving instead of nothing until its end
+PROGRESS_LOG_SECONDS = 60.0
 
 
 def compile_training_forward(forward: Callable[..., Any]) -> Callable[..., Any]:
@@ -156,7 +163,10 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
     last_batch = totals.batches + len(loader) if accumulate > 1 else None  # closes the epoch's last, short group
     pending, group_has_images = 0, False  # micro-batches with gradients not yet applied; any images this group
     bar = tqdm(loader, desc=f"epoch {epoch}", disable=None if progress else True, leave=False, dynamic_ncols=True)
+    lines = _ProgressLines(epoch, loader, totals) if progress and bar.disable else None
     for batch in bar:
+        if lines is not None:
+            lines.tick(totals)
         grad_norm_value = None  # read together with the loss when a step has one micro-batch
         totals.batches += 1
         totals.skipped_images += batch.skipped
@@ -241,6 +251,28 @@ def train_one_epoch(model, loader: Iterable[Batch], optimizer, scheduler, device
         if on_batch is not None:
             on_batch(totals)
     return totals.summary()
+
+
+class _ProgressLines:
+    """The progress bar's stand-in where tqdm shows none: a log line every PROGRESS_LOG_SECONDS with the batch, the
+    epoch's mean caption loss so far and the images per second since the epoch (or its resumption) started."""
+
+    def __init__(self, epoch: int, loader, totals: EpochTotals):
+        try:
+            self.total = str(totals.batches + len(loader))  # the loader holds the batches left (a resumed epoch)
+        except TypeError:
+            self.total = "?"
+        self.epoch, self.first_images = epoch, totals.images
+        self.started = self.logged = time.monotonic()
+
+    def tick(self, totals: EpochTotals) -> None:
+        now = time.monotonic()
+        if now - self.logged < PROGRESS_LOG_SECONDS or totals.batches == 0:
+            return
+        self.logged = now
+        log.info("epoch %d: batch %d of %s, caption loss %.4f so far, %.1f img/s", self.epoch, totals.batches,
+                 self.total, totals.loss_sum / max(totals.tokens, 1),
+                 (totals.images - self.first_images) / max(now - self.started, 1e-9))
 
 
 def _clip_gradients(parameters: list[torch.Tensor], clip_grad: float) -> torch.Tensor:

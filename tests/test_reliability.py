@@ -272,6 +272,24 @@ def test_nonfinite_loss_skip_leaves_weights_untouched_and_counts(synthetic_datas
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_an_epoch_without_a_progress_bar_logs_progress_lines(synthetic_dataset, monkeypatch, caplog):
+    """Output to a file or a pipe (as here, under pytest) shows no tqdm bar: the epoch logs lines instead."""
+    import captioner.engine
+
+    model, loader = _model_and_loader(synthetic_dataset)
+    optimizer, scheduler = _optimizer(model)
+    monkeypatch.setattr(captioner.engine, "PROGRESS_LOG_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="captioner.engine"):
+        train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), 4, progress=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "captioner.engine"]
+    assert [line.split(",")[0] for line in lines] == ["epoch 4: batch 1 of 3", "epoch 4: batch 2 of 3"]
+    assert all("caption loss" in line and "img/s" in line for line in lines)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="captioner.engine"):  # --no-progress: quiet
+        train_one_epoch(model, loader, optimizer, scheduler, torch.device("cpu"), 5, progress=False)
+    assert not [r for r in caplog.records if r.name == "captioner.engine"]
+
+
 def test_nonfinite_weights_never_reach_a_checkpoint(synthetic_dataset, tmp_path, capsys):
     """An absurd learning rate blows the weights up within the first steps: the run stops, exit status 1,
     and neither best.pt nor last.pt is written from that state."""
