@@ -25,6 +25,12 @@ from .training import existing_feature_store, fit, resolve_device
 def split_records(args) -> list[ImageRecord]:
     """The dataset flags of `evaluate`/`bleu-bench` -> the records of the split to score (--limit applied)."""
     split = "val" if args.split == "dev" else args.split
+    if args.dataset == "coco" and (args.root or args.karpathy_json):
+        raise CaptionerError("--dataset coco reads one split's --captions JSON and --images folder; --root and "
+                             "--karpathy-json belong to flickr8k and karpathy")
+    if args.dataset != "coco" and (args.captions or args.images):
+        raise CaptionerError(f"--dataset {args.dataset} finds its files under --root; --captions and --images "
+                             "belong to coco")
     records = load_records(args.dataset, split, captions=args.captions, images=args.images, root=args.root,
                            karpathy_json=args.karpathy_json)
     return records[: args.limit] if args.limit else records

@@ -32,6 +32,15 @@ def test_bleu_bench_writes_tables_plot_results_and_run_record(trained_run, synth
     record = json.loads((out / "run.json").read_text())
     assert {"versions", "seed", "device", "split_hash", "checkpoints", "best_run"} <= set(record)
     assert record["versions"]["torch"] and len(record["checkpoints"]) == 2
+    assert record["dataset"] == {"dataset": "coco", "captions": str(synthetic_dataset.val_captions),
+                                 "images": str(synthetic_dataset.val_images), "limit": 0}  # no split: the files say
+
+
+def test_run_names_tell_files_of_the_same_name_apart_in_ensembles_too():
+    from captioner.benchmarks.bleu_bench import _labels
+
+    assert _labels(["a/run/best.pt", "b/run/best.pt", "a/run/best.pt+b/run/best.pt", "a/run/best.pt"]) == [
+        "run_best", "run_best-2", "run_best+run_best-2", "run_best-3"]
 
 
 def test_split_hash_identifies_the_split(trained_run, synthetic_dataset, tmp_path):
@@ -63,6 +72,14 @@ def test_a_rerun_into_the_same_folder_leaves_only_its_own_runs_there(trained_run
     (tmp_path / "a_file").write_text("")
     code = _bench(trained_run, synthetic_dataset, tmp_path / "a_file", "--beam-sizes", "1")
     assert code == 2 and "cannot write to the bleu-bench folder" in capsys.readouterr().err
+
+
+def test_flags_of_another_dataset_are_refused(trained_run, synthetic_dataset, tmp_path, capsys):
+    assert _bench(trained_run, synthetic_dataset, tmp_path / "o", "--root", str(tmp_path)) == 2
+    assert "--root and --karpathy-json belong to flickr8k and karpathy" in capsys.readouterr().err
+    code = main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--dataset", "flickr8k", "--root",
+                 str(tmp_path), "--images", str(synthetic_dataset.val_images)])
+    assert code == 2 and "--captions and --images belong to coco" in capsys.readouterr().err
 
 
 def test_missing_checkpoint_is_a_usage_error(synthetic_dataset, tmp_path, capsys):

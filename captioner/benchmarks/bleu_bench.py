@@ -94,15 +94,24 @@ def _label(path: str) -> str:
 
 
 def _labels(checkpoints: list[str]) -> list[str]:
-    """Short unique names: 'RUN_best' for RUN/best.pt, 'RUNA_best+RUNB_best' for an ensemble entry."""
-    labels = []
+    """Short unique names: 'RUN_best' for RUN/best.pt, 'RUNA_best+RUNB_best' for an ensemble entry. Two files
+    with the same short name get '-2', '-3' in order of appearance, in ensembles too (a/run/best.pt+b/run/best.pt
+    is 'run_best+run_best-2', not a model with itself)."""
+    members: dict[str, str] = {}  # checkpoint file -> its short name
+    for path in (path for entry in checkpoints for path in ensemble_members(entry)):
+        if path not in members:
+            members[path] = _unique(_label(path), set(members.values()))
+    labels: list[str] = []
     for entry in checkpoints:
-        base = "+".join(_label(member) for member in ensemble_members(entry))
-        label, n = base, 2
-        while label in labels:
-            label, n = f"{base}-{n}", n + 1
-        labels.append(label)
+        labels.append(_unique("+".join(members[path] for path in ensemble_members(entry)), set(labels)))
     return labels
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    label, n = name, 2
+    while label in taken:
+        label, n = f"{name}-{n}", n + 1
+    return label
 
 
 def _decode_memory(model, memory: torch.Tensor, tokenizer, options: DecodeOptions, batch_size: int,
@@ -167,6 +176,8 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
     best = max(rows, key=lambda r: r[key])
     write_error_report(out / "report.html", evaluations[best["run"]], title=f"bleu-bench best run {best['run']}")
     skipped = next(iter(evaluations.values())).skipped_metrics
+    for reason in skipped.values():  # the same for every run: said once
+        print(f"[bleu-bench] {reason}", file=sys.stderr, flush=True)
     run_info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
                 "seed": seed, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 "dataset": dataset_args or {}, "split_hash": split_hash(records), "num_images": len(records),
@@ -281,8 +292,9 @@ def run_from_args(args, records) -> int:
         raise CaptionerError(f"bleu-bench: --length-penalties must be >= 0, got {args.length_penalties}")
     if any(n < 0 for n in args.no_repeat_ngrams):
         raise CaptionerError(f"bleu-bench: --no-repeat-ngrams must be >= 0, got {args.no_repeat_ngrams}")
-    dataset_args = {k: getattr(args, k) for k in ("dataset", "captions", "images", "root", "karpathy_json", "split",
-                                                   "limit")}
+    used = {"coco": ("captions", "images"), "flickr8k": ("root", "split"),  # the flags that chose the split
+            "karpathy": ("karpathy_json", "root", "split")}
+    dataset_args = {k: getattr(args, k) for k in ("dataset", *used.get(args.dataset, ()), "limit")}
     rows = run_bleu_bench(args.checkpoints, args.beam_sizes, args.length_penalties, records, args.out,
                           resolve_device(args.device), args.metrics, args.batch_size, args.max_len, args.seed,
                           dataset_args, progress=True, no_repeat_ngrams=args.no_repeat_ngrams)
