@@ -201,6 +201,8 @@ def export_checkpoint(source: str | Path, dest: str | Path, fp16: bool = False) 
                 raise CaptionerError(f"export --fp16: {source}'s weight {name} holds values beyond fp16's range "
                                      f"({float(tensor.abs().max()):.4g} > {FP16_MAX:.0f}); export without --fp16")
         weights = {name: t.half() if t.is_floating_point() else t for name, t in weights.items()}
+    else:  # an fp16 export exported again is fp32, as its label says
+        weights = {name: t.float() if t.is_floating_point() else t for name, t in weights.items()}
     exported = {key: payload[key] for key in INFERENCE_KEYS if key in payload}
     dtype = "float16" if fp16 else "float32"
     exported["model"] = weights

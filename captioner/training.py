@@ -26,8 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from .atomic import copy_atomically
-from .checkpoint import check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries, rng_state, save_checkpoint, \
-    set_rng_state, tokenizer_from_payload, tokenizer_payload
+from .checkpoint import (check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries,
+                         rng_state, save_checkpoint, set_rng_state, tokenizer_from_payload, tokenizer_payload)
 from .config import RunConfig
 from .curves import TENSORBOARD_DIR, write_epoch_scalars
 from .data.collate import CaptionCollate, stacked_draws
@@ -362,6 +362,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                             ", ".join(f"{k}={getattr(saved.train, k)!r}" for k in overridden),
                             ", ".join(f"{k}={getattr(cfg.train, k)!r}" for k in overridden))
         cfg = saved
+    if payload is None and not extract_only and cfg.train.epochs < 1 and cfg.train.scst_epochs < 1:
+        raise CaptionerError(f"--epochs {cfg.train.epochs} with no --scst-epochs: this run would train nothing")
     initial = adopt_checkpoint_model(cfg, typed_model) if payload is None and cfg.train.init_from else None
     out = check_writable_folder(cfg.train.out)
     if dist.is_main:
@@ -433,7 +435,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         return _extract(model, {"train": train_loader, "val": val_loader}, stores, device, dist, progress)
     forward = None
     if dist.enabled:  # after the checkpoint is restored: DDP sends rank 0's weights and buffers to all at start
-        forward = DistributedDataParallel(TrainStep(model), device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        forward = DistributedDataParallel(TrainStep(model), device_ids=device_ids)
     if t.compile:  # the training forward only; decoding steps stay eager (their shapes change every step)
         forward = compile_training_forward(forward or model.forward_train)
     val_options = DecodeOptions(beam_size=t.val_beam_size, max_len=cfg.model.max_len)
@@ -740,7 +743,9 @@ def _restore(payload: dict[str, Any], path: str, model, optimizer, scheduler, st
     saved_steps = payload.get("steps_per_epoch", steps_per_epoch)
     if saved_steps != steps_per_epoch:
         raise CaptionerError(f"checkpoint {path} was written with {saved_steps} batches per epoch, but the training "
-                             f"set now gives {steps_per_epoch}: the data changed since, so the run cannot resume")
+                             f"set now gives {steps_per_epoch}: the data changed since, or the number of processes "
+                             "(an epoch's batches are its images / (processes x --batch-size)), so the run cannot "
+                             "resume")
     model.load_state_dict(clean_state_dict(payload.get("raw_model", payload["model"])))
     if ema is not None:
         ema.load(clean_state_dict(payload["model"]), payload.get("ema_updates", 0))

@@ -11,17 +11,16 @@ among them replaces the base instead (FILE relative to the variants file). Each 
     python -m captioner evaluate --checkpoint OUT/NAME/best.pt --dataset flickr8k --root ROOT --split dev \\
         --beam-size 3 --out OUT/NAME/dev_beam3.json
 
-as subprocesses (their output in OUT/NAME/train.log and eval.log), `--parallel K` variants at a time. Variants
-whose trunk pre-training (--trunk-pretrain-epochs) is the same share one pre-trained trunk: every train gets
-`--trunk-pretrain-cache OUT/pretrained_trunks`, so the first to need it trains it while the others wait, then copy
-it (`--separate-pretraining` turns this off). Flags given
-to this script after `--` go to every `train` after the variant's own (so they win), then `--epochs` (every
-variant trains that many) or `--max-epochs` (a variant whose config asks for more trains that many; one that
-asks for fewer keeps its own), and `--device`. A variant that fails is reported with the tail of its log and does not stop the others; one that
-runs past `--timeout-per-run` seconds gets SIGTERM (it writes last.pt and stops at the next batch), SIGKILL a
-minute later, and its best.pt so far is still evaluated. OUT/results.json (rewritten as each variant ends) holds
-per variant the flags, dev BLEU-1..4 with beam 3, best epoch, epochs run, train seconds and device; OUT/results.md
-and stdout get a markdown table.
+as subprocesses (their output in OUT/NAME/train.log and eval.log), `--parallel K` variants at a time. Variants whose
+trunk pre-training (--trunk-pretrain-epochs) is the same share one pre-trained trunk: every train gets
+`--trunk-pretrain-cache OUT/pretrained_trunks`, so the first to need it trains it while the others wait, then copy it
+(`--separate-pretraining` turns this off). Flags given to this script after `--` go to every `train` after the
+variant's own (so they win), then `--epochs` (every variant trains that many) or `--max-epochs` (a variant whose
+config asks for more trains that many; one that asks for fewer keeps its own), and `--device`. A variant that fails is
+reported with the tail of its log and does not stop the others; one that runs past `--timeout-per-run` seconds gets
+SIGTERM (it writes last.pt and stops at the next batch), SIGKILL a minute later, and its best.pt so far is still
+evaluated. OUT/results.json (rewritten as each variant ends) holds per variant the flags, dev BLEU-1..4 with beam 3,
+best epoch, epochs run, train seconds and device; OUT/results.md and stdout get a markdown table.
 """
 
 from __future__ import annotations
@@ -79,6 +78,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = p.parse_args(argv)
     args.extra = extra
+    # The runs start in the repository (so `-m captioner` imports this checkout): paths given relative to where
+    # the script was started must not change meaning there
+    args.root, args.out, args.base, args.variants = (os.path.abspath(path) for path in
+                                                     (args.root, args.out, args.base, args.variants))
     if args.parallel < 1:
         p.error("--parallel must be at least 1")
     return args
@@ -264,7 +267,8 @@ def fmt(value, digits: int = 4) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| variant | flags | dev BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 (beam 3) | best epoch | epochs | train s | status |",
+    lines = ["| variant | flags | dev BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 (beam 3) | best epoch | epochs | train s "
+             "| status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.get("dev_beam3", {})
@@ -272,7 +276,8 @@ def table(results: list[dict]) -> str:
         if r.get("config") != r.get("base"):
             flags = f"--config {Path(r['config']).name} {flags}".strip()
         epochs = f"{r.get('epochs_run', 0)}{' (early stop)' if r.get('stopped_early') else ''}"
-        lines.append(f"| {r['name']} | {f'`{flags}`' if flags else '(base)'} | " + " | ".join(fmt(m.get(f"Bleu_{n}")) for n in range(1, 5))
+        bleu = " | ".join(fmt(m.get(f"Bleu_{n}")) for n in range(1, 5))
+        lines.append(f"| {r['name']} | {f'`{flags}`' if flags else '(base)'} | {bleu}"
                      + f" | {fmt(r.get('best_epoch'))} | {epochs} | {fmt(r.get('train_seconds'), 0)} | {r['status']} |")
     return "\n".join(lines)
 

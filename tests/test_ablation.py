@@ -85,10 +85,12 @@ def test_dry_run_prints_the_commands_and_max_epochs_caps_only_longer_runs(tmp_pa
     assert [c[-2:] for c in train] == [["--epochs", "6"], ["--epochs", "4"], ["--epochs", "5"]]
     assert all(c[c.index("--no-progress") + 1 :][-4:-2] == ["--workers", "2"] for c in train)
     # variants with the same trunk pre-training share one trunk, trained once
-    assert all(c[c.index("--trunk-pretrain-cache") + 1] == "OUT/pretrained_trunks" for c in train)
+    assert all(c[c.index("--trunk-pretrain-cache") + 1] == f"{tmp_path}/OUT/pretrained_trunks" for c in train)
+    # relative paths mean what they meant where the script started (its runs start in the repository)
+    assert all(c[c.index("--root") + 1] == f"{tmp_path}/ROOT" for c in train)
     evaluate = [line.split() for line in proc.stdout.splitlines() if " evaluate " in line]
-    assert [c[c.index("--checkpoint") + 1] for c in evaluate] == [f"OUT/{n}/best.pt" for n in ("base", "short",
-                                                                                                 "flagged")]
+    assert [c[c.index("--checkpoint") + 1] for c in evaluate] == [f"{tmp_path}/OUT/{n}/best.pt"
+                                                                  for n in ("base", "short", "flagged")]
     assert all(c[c.index("--beam-size") + 1] == "3" and c[c.index("--split") + 1] == "dev" for c in evaluate)
     cut = proc.args.index("--")
     separate = subprocess.run([*proc.args[:cut], "--separate-pretraining", *proc.args[cut:]], capture_output=True,

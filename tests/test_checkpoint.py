@@ -215,6 +215,10 @@ def test_export_keeps_what_captioning_needs_and_resume_refuses_it(trained_run, t
     assert sizes[source] - sizes[tmp_path / "model.pt"] > 0.95 * moments  # AdamW's moments per trained weight go
     assert sizes[tmp_path / "half.pt"] < 0.6 * sizes[tmp_path / "model.pt"]
     assert all(t.dtype == torch.float16 for t in half["model"].values() if t.is_floating_point())
+    assert main(["export", str(tmp_path / "half.pt"), str(tmp_path / "again.pt")]) == 0  # without --fp16: fp32
+    again = load_checkpoint(tmp_path / "again.pt")
+    assert again["exported"]["weights"] == "float32"
+    assert all(t.dtype == torch.float32 for t in again["model"].values() if t.is_floating_point())
 
     original, tokenizer, _ = load_model(source)
     same, same_tokenizer, _ = load_model(tmp_path / "model.pt")

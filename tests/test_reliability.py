@@ -195,6 +195,10 @@ def test_a_missing_image_folder_or_an_epoch_of_unreadable_images_stops_training(
     assert f"image folder not found: {tmp_path / 'nowhere'}" in err and str(d.train_captions) in err
     assert not (tmp_path / "missing" / "last.pt").exists()
 
+    code = main([*common, "--train-images", str(d.train_images), "--out", str(tmp_path / "nothing"), "--epochs", "0"])
+    assert code == 2 and "--epochs 0 with no --scst-epochs: this run would train nothing" in capsys.readouterr().err
+    assert not (tmp_path / "nothing").exists()
+
     empty = tmp_path / "empty"
     empty.mkdir()  # the folder is there, none of its images
     code = main([*common, "--train-images", str(empty), "--out", str(tmp_path / "unreadable")])
