@@ -58,7 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    add_train_arguments(sub.add_parser("train", help="train a captioner"))
+    p = sub.add_parser("train", help="train a captioner")
+    add_train_arguments(p)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a folder that holds another run's checkpoints, removing them first "
+                        "(without it that is refused)")
     add_train_arguments(sub.add_parser(
         "extract-features", help="cache the frozen trunk's features on disk for the run `train` would start "
         "with the same flags (train does this on its first epoch anyway)"))

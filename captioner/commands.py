@@ -95,7 +95,7 @@ def train(args) -> int:
     if cfg.train.tensorboard:
         require_tensorboard()  # before any work: the missing package is named, not found after an epoch
     result = fit(cfg, resume=args.resume, progress=not args.no_progress, resume_changes=given_train_settings(args),
-                 typed_model=typed_model_settings(args))
+                 typed_model=typed_model_settings(args), overwrite=args.overwrite)
     if result["rank"] == 0:  # under torchrun, one line for the whole run
         print(json.dumps({"out": result["out"], "best_val_Bleu_4": result["best_bleu_4"],
                           "best_epoch": result["best_epoch"], "epochs_run": result["epochs_run"]}))

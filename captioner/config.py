@@ -107,6 +107,38 @@ class TrainConfig:
     scst_start: str = "best"  # best (the best cross-entropy epoch's weights, from best.pt) | last (the last epoch's)
 
 
+# The settings that take one of a few names: `captioner train` offers them as its flags' choices, and a config
+# file (or a saved one) is checked against them on loading.
+CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("data", "dataset"): ("coco", "flickr8k", "karpathy"),
+    ("data", "augment_on"): ("auto", "workers", "device"),
+    ("model", "bridge"): ("attention", "pool", "conv"),
+    ("model", "decoder"): ("transformer", "lstm"),
+    ("model", "bow_input"): ("grid", "memory"),
+    ("train", "on_nonfinite"): ("stop", "skip"),
+    ("train", "trunk_pretrain_loss"): ("sigmoid", "softmax"),
+    ("train", "scst_reward"): ("bleu", "cider"),
+    ("train", "scst_start"): ("best", "last"),
+}
+
+# A field's annotation (a string under `from __future__ import annotations`) -> the JSON values it accepts
+_JSON_KINDS = {"bool": ("true or false", (bool,)), "int": ("a whole number", (int,)),
+               "float": ("a number", (int, float)), "str": ("a string", (str,))}
+
+
+def _checked_value(value: Any, section: str, kind: str, key: str, source: str) -> Any:
+    """`value` for section.key as the dataclass types it, or a CaptionerError naming the file, the key and what
+    it needs: a config file's "epochs": 1.5 or "augment": "no" would otherwise train something else than asked
+    (a non-empty string is true) or fail much later with a traceback."""
+    described, types = _JSON_KINDS[kind]
+    if isinstance(value, bool) and kind != "bool" or not isinstance(value, types):
+        raise CaptionerError(f"{source}: {section}.{key} must be {described}, got {json.dumps(value)}")
+    choices = CHOICES.get((section, key))
+    if choices and value not in choices:
+        raise CaptionerError(f"{source}: {section}.{key} must be one of {', '.join(choices)}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -118,17 +150,21 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
-        """Strict: an unknown section or key is an error naming it (a typo must not be silently ignored)."""
+        """Strict: an unknown section or key, a value of the wrong type or a name outside a setting's choices is
+        an error naming it (a typo must not be silently ignored)."""
         sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
         built = {}
         for name, value in d.items():
             if name not in sections:
                 raise CaptionerError(f"{source}: unknown section {name!r} (expected {', '.join(sections)})")
-            known = {f.name for f in fields(sections[name])}
-            unknown = set(value) - known
+            if not isinstance(value, dict):
+                raise CaptionerError(f"{source}: section {name!r} must be a JSON object of settings")
+            kinds = {f.name: f.type for f in fields(sections[name])}
+            unknown = set(value) - set(kinds)
             if unknown:
                 raise CaptionerError(f"{source}: unknown key(s) {sorted(unknown)} in section {name!r}")
-            built[name] = sections[name](**value)
+            built[name] = sections[name](**{key: _checked_value(v, name, kinds[key], key, source)
+                                            for key, v in value.items()})
         return cls(**built)
 
     @classmethod

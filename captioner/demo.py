@@ -33,7 +33,7 @@ def run_demo(out: str | Path, device: str = "auto", progress: bool = True) -> di
     cfg.data.val_captions, cfg.data.val_images = str(data.val_captions), str(data.val_images)
     cfg.train.out, cfg.train.epochs, cfg.train.device = str(out / "run"), DEMO_EPOCHS, device
     cfg.data.val_limit = DEMO_VAL_IMAGES // 2  # per-epoch validation on half; the final score uses all of them
-    fit(cfg, progress=progress)
+    fit(cfg, progress=progress, overwrite=True)  # the demo makes its folder anew each time
     print(f"[demo] trained {DEMO_EPOCHS} epochs in {time.time() - started:.0f}s", flush=True)
 
     checkpoint = out / "run" / "best.pt"

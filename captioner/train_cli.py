@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .config import RunConfig
+from .config import CHOICES, RunConfig
 
 # flag -> (config section, key, type or "bool"), one line per flag; argparse default is SUPPRESS, so only flags
 # the user actually typed override the config file.
@@ -86,12 +86,6 @@ TRAIN_FLAGS = {
     "--scst-start": ("train", "scst_start", str),
 }
 
-CHOICES = {"--dataset": ("coco", "flickr8k", "karpathy"), "--bridge": ("attention", "pool", "conv"),
-           "--decoder": ("transformer", "lstm"), "--bow-input": ("grid", "memory"), "--on-nonfinite": ("stop", "skip"),
-           "--trunk-pretrain-loss": ("sigmoid", "softmax"), "--scst-reward": ("bleu", "cider"),
-           "--scst-start": ("best", "last"), "--augment-on": ("auto", "workers", "device")}
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     defaults = RunConfig().to_dict()
     p.add_argument("--config", help="JSON file with model/data/train sections (flags given here override it)")
@@ -105,7 +99,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
             p.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)
         else:
-            p.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get(flag),
+            p.add_argument(flag, dest=key, type=kind, default=argparse.SUPPRESS, choices=CHOICES.get((section, key)),
                            help=help_text)
 
 

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -268,11 +269,45 @@ class StopSignals:
     def __exit__(self, *exc_info) -> None:
         self._restore()
 
+    def agreed(self, dist: Distributed, device: torch.device) -> bool:
+        """Whether any process received a signal, by one vote of them all; a process that learns another one
+        did takes the signal as its own. A process must stop on this answer only: acting on its own flag, set
+        by a signal that arrived after the vote, it would leave the others waiting in their next collective
+        (DDP's gradient all-reduce), and torchrun forwards a SIGTERM to each process at a slightly different
+        moment. A signal that misses one vote is counted at the next."""
+        stopping = not dist.all_true(self.received is None, device)
+        if stopping:
+            self.received = self.received or signal.SIGTERM
+        return stopping
+
     def raise_if_received(self, where: str, out: Path) -> None:
         if self.received is not None:
             name = signal.Signals(self.received).name
             raise TrainingInterrupted(f"stopped by {name} {where}; {out / 'last.pt'} holds this exact point: continue "
                                       f"with `captioner train --resume {out / 'last.pt'}`", self.received)
+
+
+SCST_START = "scst_start.pt"  # in the run folder: the checkpoint the self-critical epochs started from
+RUN_FILES = ("last.pt", "best.pt", "log.jsonl", SCST_START)  # what a run's epochs write in its folder
+
+
+def claim_run_folder(out: Path, overwrite: bool, dist: Distributed) -> None:
+    """A new run may not start in a folder holding another run's checkpoints: it would replace them epoch by
+    epoch (a finished run's best.pt lost to a typo in --out), and until then `evaluate RUN/best.pt` would read the
+    old run's. With `overwrite` they go first. A pre-trained trunk and the feature cache stay: each is checked
+    against this run's settings before it is reused (a run restarted with the same settings starts sooner)."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if not found:
+        return
+    if not overwrite:
+        resume = f"`captioner train --resume {out / 'last.pt'}` continues it, " if "last.pt" in found else ""
+        raise CaptionerError(f"{out} holds another run ({', '.join(found)}): {resume}--overwrite replaces it, "
+                             "or choose another --out")
+    if dist.is_main:
+        for name in found:
+            (out / name).unlink()
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
+        log.info("--overwrite: removed the earlier run's %s from %s", ", ".join(found), out)
 
 
 def write_log(path: Path, history: list[dict]) -> None:
@@ -311,7 +346,8 @@ can be given some)."""
 
 
 def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extract_only: bool = False,
-        resume_changes: Collection[str] | None = None, typed_model: Collection[str] | None = None) -> dict[str, Any]:
+        resume_changes: Collection[str] | None = None, typed_model: Collection[str] | None = None,
+        overwrite: bool = False) -> dict[str, Any]:
     """Train per `cfg`; with `resume`, continue from that checkpoint (its config wins for model and data).
 
     On a resume, `cfg` supplies only the RESUME_MAY_CHANGE settings, and with `resume_changes` only those of them
@@ -329,17 +365,19 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extrac
 
     With cfg.train.init_from (and no `resume`), the new run starts from that checkpoint's model (init_from.py);
     `typed_model` names the model settings typed on the command line, of which it may keep some.
+
+    A new run refuses a folder that holds another run's checkpoints, unless `overwrite` (claim_run_folder).
     """
     dist, device_name = init_distributed(cfg.train.device)
     try:
-        return _fit(cfg, resume, progress, dist, device_name, extract_only, resume_changes, typed_model)
+        return _fit(cfg, resume, progress, dist, device_name, extract_only, resume_changes, typed_model, overwrite)
     finally:
         shutdown_distributed()
 
 
 def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str,
          extract_only: bool = False, resume_changes: Collection[str] | None = None,
-         typed_model: Collection[str] | None = None) -> dict[str, Any]:
+         typed_model: Collection[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     if not dist.is_main:
         logging.getLogger("captioner").setLevel(logging.WARNING)
         progress = False
@@ -366,6 +404,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         raise CaptionerError(f"--epochs {cfg.train.epochs} with no --scst-epochs: this run would train nothing")
     initial = adopt_checkpoint_model(cfg, typed_model) if payload is None and cfg.train.init_from else None
     out = check_writable_folder(cfg.train.out)
+    if payload is None and not extract_only:
+        claim_run_folder(out, overwrite, dist)
     if dist.is_main:
         for stale in remove_stale_temporaries(out):
             log.info("removed %s, a checkpoint write interrupted by an earlier crash", stale)
@@ -462,13 +502,12 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                                               cfg.model.max_len, t.seed, epoch, totals, stores.get("train"), reward)
 
             def after_batch(so_far: EpochTotals, epoch: int = epoch) -> None:
-                stopping = not dist.all_true(stop.received is None, device)  # all processes stop together
+                stopping = stop.agreed(dist, device)  # all processes stop together, at the same batch
                 if stopping or checkpointer.mid_epoch_due(so_far):
                     checkpointer.save_last(checkpointer.payload(model, optimizer, scheduler, epoch, so_far, best,
                                                                 history))
                 if stopping:
-                    stop.received = stop.received or signal.SIGTERM
-                stop.raise_if_received(f"at epoch {epoch}, batch {so_far.batches} of {steps_per_epoch}", out)
+                    stop.raise_if_received(f"at epoch {epoch}, batch {so_far.batches} of {steps_per_epoch}", out)
 
             stats = train_one_epoch(model, batches, optimizer, scheduler, device, epoch, t.label_smoothing,
                                     t.clip_grad, progress, stores.get("train"), totals=totals, on_batch=after_batch,
@@ -510,7 +549,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                      record["example"])
             if t.tensorboard and dist.rank == 0:
                 write_epoch_scalars(out / TENSORBOARD_DIR, record)
-            stop.raise_if_received(f"after epoch {epoch}", out)
+            if stop.agreed(dist, device):
+                stop.raise_if_received(f"after epoch {epoch}", out)
             if stopping_early:
                 log.info("early stop after epoch %d of %d: validation BLEU-4 has not improved for %d epochs "
                          "(--early-stop-patience %d); best.pt holds epoch %d%s", epoch, t.epochs, stale,
@@ -582,9 +622,6 @@ def skip_to_update(scheduler, update: int) -> None:
     with warnings.catch_warnings():  # before any update (--epochs 0): torch warns that the schedule's first value is
         warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
         scheduler.step()  # skipped, which is the point here
-
-
-SCST_START = "scst_start.pt"  # in the run folder: the checkpoint the self-critical epochs started from
 
 
 def restore_best_weights(model: nn.Module, ema: ModelEMA | None, history: list[dict], out: Path,

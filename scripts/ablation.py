@@ -135,7 +135,7 @@ def commands(name: str, config: Path, flags: list[str], args: argparse.Namespace
         epochs = min(args.max_epochs, planned_epochs(config, [*flags, *args.extra]))
     shared = [] if args.separate_pretraining else ["--trunk-pretrain-cache", str(Path(args.out) / SHARED_TRUNKS)]
     train = [sys.executable, "-m", "captioner", "train", "--config", str(config), "--dataset", "flickr8k",
-             "--root", args.root, "--out", str(run), "--no-progress", *shared, *flags, *args.extra,
+             "--root", args.root, "--out", str(run), "--overwrite", "--no-progress", *shared, *flags, *args.extra,
              *(["--epochs", str(epochs)] if epochs else []), *device]
     evaluate = [sys.executable, "-m", "captioner", "evaluate", "--checkpoint", str(run / "best.pt"),
                 "--dataset", "flickr8k", "--root", args.root, "--split", "dev", "--beam-size", "3",

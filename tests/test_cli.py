@@ -80,6 +80,34 @@ def test_malformed_annotation_file_is_a_clear_error(tmp_path, capsys):
     assert code == 2 and "captions.json" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("section, setting, message", [
+    ("train", {"epochs": 1.5}, "train.epochs must be a whole number, got 1.5"),
+    ("train", {"batch_size": "big"}, 'train.batch_size must be a whole number, got "big"'),
+    ("train", {"lr": "0.001"}, 'train.lr must be a number, got "0.001"'),
+    ("data", {"augment": "no"}, 'data.augment must be true or false, got "no"'),
+    ("data", {"image_size": True}, "data.image_size must be a whole number, got true"),
+    ("model", {"decoder": "gru"}, "model.decoder must be one of transformer, lstm, got 'gru'"),
+    ("model", ["dim", 64], "section 'model' must be a JSON object of settings"),
+    ("model", {"dimension": 64}, "unknown key(s) ['dimension'] in section 'model'"),
+])
+def test_a_config_file_value_of_the_wrong_kind_is_refused_naming_file_and_key(tmp_path, capsys, section, setting,
+                                                                             message):
+    config = tmp_path / "recipe.json"
+    config.write_text(json.dumps({section: setting}))
+    code = main(["train", "--config", str(config), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{config}: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_number_in_a_fractional_setting_may_be_whole():
+    from captioner.config import RunConfig
+
+    cfg = RunConfig.from_dict({"train": {"lr": 1, "warmup_epochs": 0}, "model": {"dropout": 0}})
+    assert (cfg.train.lr, cfg.train.warmup_epochs, cfg.model.dropout) == (1.0, 0.0, 0.0)
+    assert isinstance(cfg.train.lr, float) and json.dumps(cfg.to_dict()["train"]["lr"]) == "1.0"
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = main(["caption", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path)])
     err = capsys.readouterr().err

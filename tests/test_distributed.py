@@ -96,3 +96,30 @@ def test_torchrun_copies_a_trunk_from_the_pretrained_trunk_cache(synthetic_datas
     assert "copied the pre-trained trunk" in double.stderr
     stored = (tmp_path / "pre" / "trunk_pretrained.pt").read_bytes()
     assert (tmp_path / "two" / "trunk_pretrained.pt").read_bytes() == stored
+
+
+class _TwoProcessVote:
+    """The vote of this process and another one whose answers (True: no signal there) are scripted."""
+
+    enabled = True
+
+    def __init__(self, others: list[bool]) -> None:
+        self.others = others
+
+    def all_true(self, flag: bool, device: torch.device) -> bool:
+        return flag and self.others.pop(0)
+
+
+def test_processes_stop_on_the_vote_not_on_a_signal_that_came_after_it():
+    import signal
+
+    from captioner.training import StopSignals
+
+    stop, device = StopSignals(), torch.device("cpu")
+    dist = _TwoProcessVote(others=[True, True])
+    assert not stop.agreed(dist, device)
+    stop.received = signal.SIGINT  # arrives after that vote: the other process goes on to its next batch, so must this
+    assert stop.agreed(dist, device) and stop.received == signal.SIGINT  # counted at the next vote
+
+    told = StopSignals()  # this process got nothing, the other a signal: both stop, this one as for a SIGTERM
+    assert told.agreed(_TwoProcessVote(others=[False]), device) and told.received == signal.SIGTERM

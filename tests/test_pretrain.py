@@ -131,13 +131,14 @@ def test_train_pretrains_first_then_reuses_the_trunk_only_while_its_settings_hol
     made = trunk_file.stat().st_mtime_ns
 
     caplog.clear()
-    assert main(run_flags(synthetic_dataset, out)) == 0  # the same run started again: the trunk is kept
+    assert main(run_flags(synthetic_dataset, out)) == 2  # the folder holds a run: only --overwrite starts over
+    assert main([*run_flags(synthetic_dataset, out), "--overwrite"]) == 0  # the same run again: the trunk is kept
     assert "using the pre-trained trunk" in caplog.text and trunk_file.stat().st_mtime_ns == made
     again = torch.load(out / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(again[k], captioner[k]) for k in captioner)  # and the run is the same run
 
     caplog.clear()
-    assert main([*run_flags(synthetic_dataset, out), "--trunk-pretrain-lr", "0.001"]) == 0  # other settings
+    assert main([*run_flags(synthetic_dataset, out), "--trunk-pretrain-lr", "0.001", "--overwrite"]) == 0
     assert "pre-training again" in caplog.text and trunk_file.stat().st_mtime_ns != made
 
 

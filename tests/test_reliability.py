@@ -17,6 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
+from captioner.checkpoint import load_checkpoint
 from captioner.cli import main
 from captioner.data import load_coco, load_flickr8k, load_image
 from captioner.data.karpathy import load_karpathy
@@ -205,6 +206,29 @@ def test_a_missing_image_folder_or_an_epoch_of_unreadable_images_stops_training(
     assert code == 2
     assert "epoch 1: no training image could be read (48 skipped" in capsys.readouterr().err
     assert not (tmp_path / "unreadable" / "best.pt").exists()
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run_unless_overwrite(trained_run, synthetic_dataset, tmp_path,
+                                                                         capsys):
+    """A typo in --out must not cost a finished run its best.pt; --overwrite starts over there on purpose."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "trunk_pretrained.pt").write_bytes(b"kept: checked against a run's settings before any reuse")
+    before = {name: (run / name).read_bytes() for name in ("best.pt", "last.pt", "log.jsonl")}
+    d = synthetic_dataset
+    again = ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
+             str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+             "--out", str(run), "--epochs", "1", *TINY]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert (f"{run} holds another run (last.pt, best.pt, log.jsonl): `captioner train --resume {run / 'last.pt'}` "
+            "continues it, --overwrite replaces it, or choose another --out") in err
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+    assert main([*again, "--overwrite"]) == 0
+    assert [r["epoch"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())] == [1]
+    assert load_checkpoint(run / "last.pt")["epoch"] == 1 != load_checkpoint(trained_run / "last.pt")["epoch"]
+    assert (run / "trunk_pretrained.pt").exists()
 
 
 def test_run_folder_that_cannot_be_created_is_a_clear_error(synthetic_dataset, tmp_path, capsys):
