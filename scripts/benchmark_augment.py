@@ -56,7 +56,7 @@ def augmentation(kind: str, size: int) -> TrainAugment:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "flickr8k"), help="Flickr8k folder")
     p.add_argument("--images", type=int, default=1024, help="training images used (0: all)")
     p.add_argument("--image-size", type=int, default=112)

@@ -36,7 +36,7 @@ CAPTIONS_PER_IMAGE = 5
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "flickr8k"), help="Flickr8k folder")
     p.add_argument("--config", default=str(REPO / "configs" / "flickr8k_scratch.json"))
     p.add_argument("--batch-size", type=int, default=64, help="images per step (five captions each)")

@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from captioner.feature_cache import tensors_digest
 from captioner.models.bridges import BRIDGES, sincos_2d_positions
 from captioner.models.captioner import DECODERS
+from captioner.models.encoder import ResNet18Trunk
 from captioner.models.lstm import doubly_stochastic_penalty
 from conftest import tiny_model
 
@@ -73,6 +75,28 @@ def test_calibration_measures_prefix_statistics():
     bn1 = model.encoder.prefix[0][1]
     assert not torch.allclose(bn1.running_var, torch.ones_like(bn1.running_var))
     assert not model.encoder.prefix.training
+
+
+def test_calibrated_statistics_do_not_depend_on_the_thread_count():
+    """The feature cache's key holds them: a 1-thread process (torchrun's default) and a 2-thread one must agree,
+    or `train` under torchrun misses the cache `extract-features` filled."""
+    trunk = ResNet18Trunk("none", trainable_layers=0, stages=3).to(memory_format=torch.channels_last)
+    untouched = {name: value.clone() for name, value in trunk.state_dict().items()}
+    initial = tensors_digest(trunk.prefix.state_dict())
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(8, 3, 160, 160, generator=generator) * 2 - 1).contiguous(memory_format=torch.channels_last)
+               for _ in range(4)]
+    threads, measured = torch.get_num_threads(), []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            trunk.load_state_dict(untouched)
+            trunk.calibrate_prefix(batches)
+            measured.append(tensors_digest(trunk.prefix.state_dict()))
+    finally:
+        torch.set_num_threads(threads)
+    assert measured[0] == measured[1] != initial
+    assert all(value.dtype == untouched[name].dtype for name, value in trunk.state_dict().items())
 
 
 def test_positions_distinguish_every_cell():
