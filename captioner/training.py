@@ -490,6 +490,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         while epoch <= cross_entropy_end + t.scst_epochs:
             started = time.time()
             totals = totals or EpochTotals()
+            images_before = totals.images  # a resumed epoch's images before the stop: not timed in this process
             sampler.set_epoch(epoch, start=min(totals.batches * t.batch_size, sampler.per_process))
             self_critical = epoch > cross_entropy_end  # the cross-entropy epochs are done: sample, score, reinforce
             batches = train_loader
@@ -515,6 +516,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                                     ema=ema, cpu_bf16=t.cpu_bf16)
             if dist.enabled:  # the whole run's figures, not rank 0's share
                 stats = _summed_over_processes(totals, dist, device).summary()
+                images_before = int(dist.sum([images_before], device)[0])
             totals = None
             train_seconds = time.time() - started
             if stats["images"] == 0 and stats["skipped_images"] > 0:  # e.g. a wrong folder: nothing was learnt
@@ -531,7 +533,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
             record = {"epoch": epoch, "phase": "scst" if self_critical else "cross_entropy", **stats,
                       **{f"val_{k}": v for k, v in metrics.items()},
                       "lr": scheduler.get_last_lr()[-1], "train_seconds": round(train_seconds, 2),
-                      "images_per_second": round(stats["images"] / max(train_seconds, 1e-9), 2),
+                      "images_per_second": round((stats["images"] - images_before) / max(train_seconds, 1e-9), 2),
                       "epoch_seconds": round(time.time() - started, 2),
                       "example": next(iter(captions.values()))}
             is_best = metrics["Bleu_4"] > best

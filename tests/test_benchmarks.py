@@ -36,6 +36,15 @@ def test_train_benchmark_times_every_setting_on_the_same_number_of_images():
     assert "frozen_gpu_decode" not in result  # CUDA-only settings are not faked on a CPU
 
 
+def test_train_benchmark_refuses_an_unknown_setting_before_any_work(capsys):
+    from captioner.cli import main
+
+    code = main(["benchmark", "train", "--device", "cpu", "--only", "cached_feature", "frozen_from_jpeg_batch8",
+                 "--more-batch-sizes", "8"])  # the twin's size given: only the misspelt name is unknown
+    err = capsys.readouterr().err
+    assert code == 2 and "--only: no setting named cached_feature (known: baseline, cached_features," in err
+
+
 def test_train_benchmark_times_the_frozen_trunk_from_packed_copies():
     from captioner.benchmarks.train import TrainBenchmarkOptions, run_train_benchmark
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint
@@ -187,3 +188,18 @@ def test_sigterm_to_the_whole_process_group_with_loader_workers_stops_cleanly(sy
     assert code == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     assert batches_done(out / "last.pt") >= 1
+
+
+def test_a_resumed_epoch_reports_the_speed_of_the_images_it_trained_itself(synthetic_dataset, tmp_path):
+    """images/s in log.jsonl: the images of the epoch's stretch this process ran over the time it took, not the
+    whole epoch's images (those before the stop were counted, but not timed, here)."""
+    out = tmp_path / "run"
+    code, _ = finish(start(train_command(synthetic_dataset, out, resume=False), kill_at_save=6))
+    assert code == -signal.SIGKILL and batches_done(out / "last.pt") == 5  # 40 of epoch 1's 48 images trained
+    code, err = finish(start(train_command(synthetic_dataset, out, resume=True)))
+    assert code == 0, err
+    first, second = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert first["images"] == second["images"] == 48
+    for record, trained in ((first, 8), (second, 48)):  # epoch 1: its last batch, here; epoch 2: all of it
+        rounding = 0.005 * record["images_per_second"] + 0.005 * record["train_seconds"] + 0.01  # 2 decimals each
+        assert abs(record["images_per_second"] * record["train_seconds"] - trained) <= rounding, record

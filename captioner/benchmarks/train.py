@@ -62,6 +62,7 @@ from ..data.device_decode import DeviceDecodingLoader
 from ..data.records import ImageRecord
 from ..data.sampling import EpochSampler
 from ..engine import compile_training_forward, fill_feature_store, train_one_epoch
+from ..errors import CaptionerError
 from ..feature_cache import FeatureStore
 from ..models.captioner import Captioner
 from ..text import Tokenizer
@@ -234,13 +235,29 @@ def _feature_shape(model, image_size: int, device: torch.device) -> tuple[int, .
         return tuple(model.encoder.forward_prefix(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
 
 
+def setting_names(opts: TrainBenchmarkOptions) -> set[str]:
+    """Every setting run_train_benchmark can time with these options, on some device (what --only may name)."""
+    sources = ("jpeg", "packed_jpeg", "square_jpeg")
+    twinned = {f"frozen_from_{source}" for source in sources} | {"cached_features"}
+    twins = {f"{name}_compiled" for name in twinned} | {f"{name}_batch{size}" for name in twinned
+                                                        for size in opts.more_batch_sizes}
+    gpu_decode = {"frozen_gpu_decode", "frozen_gpu_decode_prefetch", "frozen_gpu_decode_prefetch_packed",
+                  *(f"frozen_gpu_decode_prefetch_threads{n}" for n in opts.decode_threads)}
+    return {"baseline", "extract", "finetune_from_jpeg", "cached_features_cpu_bf16", *twinned, *twins, *gpu_decode,
+            *(f"loading_from_{source}" for source in sources)}
+
+
 def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
     from ..training import resolve_device
 
+    unknown = sorted(set(opts.only) - setting_names(opts))
+    if unknown:  # before the images are generated: a typo must not cost a run that times nothing asked for
+        raise CaptionerError(f"--only: no setting named {', '.join(unknown)} (known: "
+                         f"{', '.join(sorted(setting_names(opts)))})")
     device = resolve_device(opts.device)
     cuda = device.type == "cuda"
     if opts.coco_epoch and not cuda:
-        raise ValueError("--coco-epoch needs a CUDA device (113,287 images through a CPU take hours)")
+        raise CaptionerError("--coco-epoch needs a CUDA device (113,287 images through a CPU take hours)")
     warmup = 2 * opts.workers + 1
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -261,6 +278,7 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         wanted_family = lambda name: not opts.only or any(n.startswith(name) for n in opts.only)  # noqa: E731
 
         def measure(name: str, run: Callable[[], dict]) -> None:
+            assert name in setting_names(opts), f"{name} is missing from setting_names"
             runs[name] = run
             result[name] = run()
 
@@ -424,6 +442,6 @@ def run_from_args(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run_from_args(parser.parse_args(argv))
