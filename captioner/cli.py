@@ -150,8 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser `args` came through: `captioner benchmark decode`'s for that command."""
+    while True:
+        chosen = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+        if not chosen or getattr(args, chosen[0].dest, None) is None:
+            return parser
+        parser = chosen[0].choices[getattr(args, chosen[0].dest)]
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported with the command's own usage, not the top level's (which lists no flag of it)
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from . import commands

@@ -321,10 +321,14 @@ def run_from_args(args) -> int:
 
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise CaptionerError("--max-upload-mb and --max-pixels must be positive")
+    if len(args.checkpoint) > 1 and args.attention_layer is not None:
+        raise CaptionerError(f"--attention-layer: an ensemble of {len(args.checkpoint)} checkpoints has no attention "
+                             "maps to show (its members attend to different memory tokens)")
     defaults = RankingDefaults(args.length_penalty, args.no_repeat_ngram)
     device = resolve_device(args.device)
     model, tokenizer, cfg = load_models(args.checkpoint, device)
-    service = CaptionService(model, tokenizer, cfg.data.image_size, device, args.attention_layer,
+    layer = -1 if args.attention_layer is None else args.attention_layer
+    service = CaptionService(model, tokenizer, cfg.data.image_size, device, layer,
                              "+".join(args.checkpoint), defaults)
     limits = Limits(max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels)
     server = make_server(service, args.host, args.port, limits)
@@ -348,8 +352,9 @@ def add_arguments(p) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000, help="0 picks a free port (the URL is printed)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    p.add_argument("--attention-layer", type=int, default=-1,
-                   help="Transformer decoder layer whose cross-attention the page shows (-1 = last)")
+    p.add_argument("--attention-layer", type=int,
+                   help="Transformer decoder layer whose cross-attention the page shows (default -1, the last; "
+                        "one checkpoint only)")
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="GNMT alpha ranking the beams of requests that do not send length_penalty (0 = raw)")
     p.add_argument("--no-repeat-ngram", type=int, default=0,

@@ -219,3 +219,14 @@ def test_a_resume_without_out_writes_to_the_checkpoints_folder_and_names_setting
     assert [record["epoch"] for record in log] == [1, 2]
     assert not (tmp_path / "elsewhere" / "run").exists()
     assert "resuming with the run's own lr=0.001 (a resume keeps them; given: lr=0.5)" in caplog.text
+
+
+@pytest.mark.parametrize("argv, usage", [
+    (["evaluate", "--checkpoint", "run/best.pt", "--beam", "3", "--bogus"], "usage: captioner evaluate"),
+    (["benchmark", "decode", "--bogus"], "usage: captioner benchmark decode"),
+])
+def test_an_unknown_flag_is_reported_with_its_commands_usage(capsys, argv, usage):
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith(usage) and "error: unrecognized arguments: --bogus" in err

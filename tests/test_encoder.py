@@ -33,6 +33,16 @@ def test_missing_or_foreign_weights_file_is_a_clear_error(tmp_path):
     torch.save({"something": torch.zeros(2)}, tmp_path / "other.pth")
     with pytest.raises(WeightsUnavailableError, match="not a ResNet18 state dict"):
         ResNet18Trunk(str(tmp_path / "other.pth"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(WeightsUnavailableError, match="notes.txt: not a state dict written by torch.save"):
+        ResNet18Trunk(str(tmp_path / "notes.txt"))
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(WeightsUnavailableError, match="tensor.pt: holds a Tensor, not a state dict"):
+        ResNet18Trunk(str(tmp_path / "tensor.pt"))
+    torch.save({"format_version": 3, "model": {}, "config": {}}, tmp_path / "best.pt")  # a captioner checkpoint
+    with pytest.raises(WeightsUnavailableError, match=r"best.pt: a captioner checkpoint, not a trunk's weights; "
+                                                       r"--init-from .*best.pt starts a run from its whole model"):
+        ResNet18Trunk(str(tmp_path / "best.pt"))
 
 
 def test_frozen_prefix_statistics_never_move_outside_calibration():

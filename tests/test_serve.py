@@ -350,6 +350,14 @@ def test_server_binds_loopback_by_default():
     assert args.host == "127.0.0.1" and args.port == 8000
 
 
+def test_an_ensemble_refuses_an_attention_layer_it_cannot_show(tmp_path, capsys):
+    from captioner.cli import main
+
+    missing = str(tmp_path / "absent.pt")  # refused before any checkpoint is read
+    assert main(["serve", "--checkpoint", missing, "--checkpoint", missing, "--attention-layer", "0"]) == 2
+    assert "--attention-layer: an ensemble of 2 checkpoints has no attention maps" in capsys.readouterr().err
+
+
 def test_multipart_parser_keeps_bytes_exactly():
     data = b"\r\n--not-the-boundary\r\n\x00\xff" + bytes(range(256)) + b"\r\n"
     body, content_type = multipart({"beam_size": "3", "note": "é"}, {"image": ("a b.jpg", data)})

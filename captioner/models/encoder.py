@@ -45,10 +45,17 @@ def load_resnet18(weights: str) -> nn.Module:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise WeightsUnavailableError(f"--encoder-weights {path}: not a loadable state dict ({exc})") from None
-    if isinstance(state, dict) and "state_dict" in state:
+    except Exception as exc:  # torch's unpickler raises anything from KeyError to RuntimeError on foreign bytes
+        raise WeightsUnavailableError(f"--encoder-weights {path}: not a state dict written by torch.save "
+                                      f"({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and "model" in state and "config" in state:
+        raise WeightsUnavailableError(f"--encoder-weights {path}: a captioner checkpoint, not a trunk's weights; "
+                                      f"--init-from {path} starts a run from its whole model")
+    if isinstance(state, dict) and "state_dict" in state:  # e.g. `captioner pretrain-trunk`'s file
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise WeightsUnavailableError(f"--encoder-weights {path}: holds a {type(state).__name__}, not a state dict "
+                                      "(parameter name -> tensor)")
     model = resnet18(weights=None)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
