@@ -58,11 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("train", help="train a captioner")
-    add_train_arguments(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a new run in a folder that holds another run's checkpoints, removing them first "
-                        "(without it that is refused)")
+    add_train_arguments(sub.add_parser("train", help="train a captioner"))
     add_train_arguments(sub.add_parser(
         "extract-features", help="cache the frozen trunk's features on disk for the run `train` would start "
         "with the same flags (train does this on its first epoch anyway)"))
@@ -150,20 +146,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
-    """The (sub)command parser `args` came through: `captioner benchmark decode`'s for that command."""
+def _parser_of(unknown: list[str], argv: list[str], parser: argparse.ArgumentParser,
+               args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)command parser whose part of `argv` holds the first of the `unknown` arguments: `captioner
+    benchmark decode --bogus` -> that command's, `captioner --bogus train` -> the top level's."""
+    first = argv.index(unknown[0]) if unknown[0] in argv else len(argv)
+    at = 0
     while True:
         chosen = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
-        if not chosen or getattr(args, chosen[0].dest, None) is None:
+        name = getattr(args, chosen[0].dest, None) if chosen else None
+        if name is None or name not in argv[at:first]:
             return parser
-        parser = chosen[0].choices[getattr(args, chosen[0].dest)]
+        at = argv.index(name, at) + 1
+        parser = chosen[0].choices[name]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # reported with the command's own usage, not the top level's (which lists no flag of it)
-        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
+        _parser_of(unknown, argv, parser, args).error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from . import commands

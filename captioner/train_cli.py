@@ -90,6 +90,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     defaults = RunConfig().to_dict()
     p.add_argument("--config", help="JSON file with model/data/train sections (flags given here override it)")
     p.add_argument("--resume", help="continue from a checkpoint (e.g. RUN/last.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="train in a folder that holds another run's checkpoints, removing them once training starts "
+                        "(without it that is refused; extract-features and pretrain-trunk ignore it)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (and, with output to a file, no progress lines)")
     for flag, (section, key, kind) in TRAIN_FLAGS.items():

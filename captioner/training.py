@@ -291,23 +291,35 @@ SCST_START = "scst_start.pt"  # in the run folder: the checkpoint the self-criti
 RUN_FILES = ("last.pt", "best.pt", "log.jsonl", SCST_START)  # what a run's epochs write in its folder
 
 
-def claim_run_folder(out: Path, overwrite: bool, dist: Distributed) -> None:
-    """A new run may not start in a folder holding another run's checkpoints: it would replace them epoch by
-    epoch (a finished run's best.pt lost to a typo in --out), and until then `evaluate RUN/best.pt` would read the
-    old run's. With `overwrite` they go first. A pre-trained trunk and the feature cache stay: each is checked
-    against this run's settings before it is reused (a run restarted with the same settings starts sooner)."""
-    found = [name for name in RUN_FILES if (out / name).exists()]
+def earlier_run_files(out: Path, overwrite: bool, init_from: str = "") -> list[Path]:
+    """The files of another run in `out` that this run would replace, or a CaptionerError without `overwrite`.
+
+    A run may not start (or resume into) a folder holding another run's checkpoints: it would replace them epoch
+    by epoch (a finished run's best.pt lost to a typo in --out), and until then `evaluate RUN/best.pt` would read
+    the old run's. With `overwrite` they are removed, but only once every check has passed and training starts
+    (remove_earlier_run). A pre-trained trunk and the feature cache stay: each is checked against this run's
+    settings before it is reused."""
+    found = [out / name for name in RUN_FILES if (out / name).exists()]
     if not found:
-        return
+        return []
+    names = ", ".join(path.name for path in found)
     if not overwrite:
-        resume = f"`captioner train --resume {out / 'last.pt'}` continues it, " if "last.pt" in found else ""
-        raise CaptionerError(f"{out} holds another run ({', '.join(found)}): {resume}--overwrite replaces it, "
-                             "or choose another --out")
-    if dist.is_main:
-        for name in found:
-            (out / name).unlink()
+        resume = f"`captioner train --resume {out / 'last.pt'}` continues it, " if (out / "last.pt") in found else ""
+        raise CaptionerError(f"{out} holds another run ({names}): {resume}--overwrite replaces it, or choose another "
+                             "--out")
+    if init_from and Path(init_from).resolve() in {path.resolve() for path in found}:
+        raise CaptionerError(f"--init-from {init_from} is one of the files --overwrite would remove from {out} "
+                             f"({names}): copy it elsewhere first, or choose another --out")
+    return found
+
+
+def remove_earlier_run(found: list[Path], out: Path, dist: Distributed) -> None:
+    """--overwrite: the earlier run's files (earlier_run_files) and its TensorBoard scalars, by rank 0."""
+    if found and dist.is_main:
+        for path in found:
+            path.unlink(missing_ok=True)
         shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
-        log.info("--overwrite: removed the earlier run's %s from %s", ", ".join(found), out)
+        log.info("--overwrite: removed the earlier run's %s from %s", ", ".join(p.name for p in found), out)
 
 
 def write_log(path: Path, history: list[dict]) -> None:
@@ -366,7 +378,7 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extrac
     With cfg.train.init_from (and no `resume`), the new run starts from that checkpoint's model (init_from.py);
     `typed_model` names the model settings typed on the command line, of which it may keep some.
 
-    A new run refuses a folder that holds another run's checkpoints, unless `overwrite` (claim_run_folder).
+    A run refuses a folder that holds another run's checkpoints, unless `overwrite` (earlier_run_files).
     """
     dist, device_name = init_distributed(cfg.train.device)
     try:
@@ -404,8 +416,9 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         raise CaptionerError(f"--epochs {cfg.train.epochs} with no --scst-epochs: this run would train nothing")
     initial = adopt_checkpoint_model(cfg, typed_model) if payload is None and cfg.train.init_from else None
     out = check_writable_folder(cfg.train.out)
-    if payload is None and not extract_only:
-        claim_run_folder(out, overwrite, dist)
+    replaced: list[Path] = []  # another run's files in `out`, removed when training starts (--overwrite)
+    if not extract_only and (payload is None or out.resolve() != Path(resume).resolve().parent):
+        replaced = earlier_run_files(out, overwrite, cfg.train.init_from if payload is None else "")
     if dist.is_main:
         for stale in remove_stale_temporaries(out):
             log.info("removed %s, a checkpoint write interrupted by an earlier crash", stale)
@@ -422,7 +435,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         tokenizer = Tokenizer(dist.broadcast(trained))
         cfg.model.vocab_size = tokenizer.vocab_size
     # The trunk's starting weights: the config's, or with --trunk-pretrain-epochs RUN/trunk_pretrained.pt (the
-    # config keeps describing the recipe, so `train --config RUN/config.json` finds and reuses that file)
+    # config keeps describing the recipe, so `train --config RUN/config.json --overwrite` reuses that file)
     start_weights = cfg.model.encoder_weights
     if payload is None and cfg.train.trunk_pretrain_epochs > 0:
         start_weights = str(pretrained_trunk(cfg, train_records, val_records, out, device, progress, dist))
@@ -467,8 +480,9 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     if payload is not None:
         start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
                                                       out, ema)
-        if dist.is_main:  # a kill between last.pt and log.jsonl at the final epoch leaves no epoch to rewrite it
-            write_log(out / "log.jsonl", history)
+    remove_earlier_run(replaced, out, dist)  # the checks passed: nothing is lost to a run that cannot start
+    if payload is not None and dist.is_main:  # a kill between last.pt and log.jsonl at the final epoch leaves
+        write_log(out / "log.jsonl", history)  # no epoch to rewrite it
 
     stores = attach_feature_stores(cfg, model, {"train": train_loader, "val": val_loader}, out, device, dist)
     if extract_only:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 import time
@@ -138,8 +139,11 @@ class PretrainingStep:
         return loss.detach()
 
 
+WARMUP_STEPS = 3  # pre-training steps per round before the clock starts (allocator, autotuning, first batches)
+
+
 def pretraining_pass(loader: DataLoader, sampler: EpochSampler, epoch: int, device: torch.device,
-                     step: PretrainingStep, batches: int, warmup: int = 3) -> float:
+                     step: PretrainingStep, batches: int, warmup: int = WARMUP_STEPS) -> float:
     sampler.set_epoch(epoch)
     seen, started = 0, None
     for done, batch in enumerate(itertools.islice(loader, warmup + batches)):
@@ -162,6 +166,12 @@ def main(argv: list[str]) -> int:
     device = torch.device(args.device)
     records = load_flickr8k(root, "train")
     records = records[: args.images] if args.images else records
+    available = math.ceil(len(records) / args.batch_size)  # batches in one pass over the images
+    if args.step_batches and available < WARMUP_STEPS + args.step_batches:  # a pass would end before the clock did
+        print(f"--step-batches {args.step_batches} needs {WARMUP_STEPS} + {args.step_batches} batches of "
+              f"--batch-size {args.batch_size}: {len(records)} images give {available} (raise --images)",
+              file=sys.stderr)
+        return 2
     augment = augmentation(args.augment, args.image_size)
     loaders, results = {}, {}
     for setting in SETTINGS:

@@ -42,7 +42,12 @@ def test_train_benchmark_refuses_an_unknown_setting_before_any_work(capsys):
     code = main(["benchmark", "train", "--device", "cpu", "--only", "cached_feature", "frozen_from_jpeg_batch8",
                  "--more-batch-sizes", "8"])  # the twin's size given: only the misspelt name is unknown
     err = capsys.readouterr().err
-    assert code == 2 and "--only: no setting named cached_feature (known: baseline, cached_features," in err
+    assert code == 2 and "--only: with these options on cpu, no setting is named cached_feature (" in err
+    assert "known: baseline, cached_features," in err
+    # settings other options or another device would add are refused as well: they would never be timed
+    for name in ("frozen_from_packed_jpeg", "frozen_from_jpeg_compiled", "frozen_gpu_decode"):
+        assert main(["benchmark", "train", "--device", "cpu", "--only", name]) == 2
+        assert f"no setting is named {name} (" in capsys.readouterr().err
 
 
 def test_train_benchmark_times_the_frozen_trunk_from_packed_copies():
@@ -178,4 +183,8 @@ def test_augment_benchmark_reports_both_places_from_the_same_images(synthetic_da
     assert workers["device_ms_per_batch"] == 0.0 and device["device_ms_per_batch"] > 0  # only one augments there
     assert workers["worker_ms_per_image"] > 0 and device["worker_ms_per_image"] > 0
     assert len(workers["pretraining_images_per_s_rounds"]) == 2 and device["pretraining_images_per_s"] > 0
+
+    too_few = subprocess.run([*proc.args[:-1], "6"], capture_output=True, text=True, timeout=300)  # 3 + 6 > 48 / 8
+    assert too_few.returncode == 2 and not too_few.stdout  # no JSON with NaN figures
+    assert "--step-batches 6 needs 3 + 6 batches of --batch-size 8: 48 images give 6" in too_few.stderr
     assert result["pretraining_images_per_s_ratio"] > 0

@@ -224,6 +224,8 @@ def test_a_resume_without_out_writes_to_the_checkpoints_folder_and_names_setting
 @pytest.mark.parametrize("argv, usage", [
     (["evaluate", "--checkpoint", "run/best.pt", "--beam", "3", "--bogus"], "usage: captioner evaluate"),
     (["benchmark", "decode", "--bogus"], "usage: captioner benchmark decode"),
+    (["benchmark", "--bogus", "decode"], "usage: captioner benchmark [-h]"),
+    (["--bogus", "demo"], "usage: captioner [-h]"),
 ])
 def test_an_unknown_flag_is_reported_with_its_commands_usage(capsys, argv, usage):
     with pytest.raises(SystemExit) as stopped:

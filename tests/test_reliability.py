@@ -224,6 +224,16 @@ def test_a_new_run_refuses_a_folder_holding_another_run_unless_overwrite(trained
     assert (f"{run} holds another run (last.pt, best.pt, log.jsonl): `captioner train --resume {run / 'last.pt'}` "
             "continues it, --overwrite replaces it, or choose another --out") in err
     assert {name: (run / name).read_bytes() for name in before} == before
+    # a resume into it is another run too; --overwrite never removes the checkpoint a run starts from, nor
+    # anything before the run's checks have passed (here: a missing image folder)
+    assert main(["train", "--resume", str(trained_run / "last.pt"), "--out", str(run), "--device", "cpu"]) == 2
+    assert f"{run} holds another run" in capsys.readouterr().err
+    assert main([*again, "--overwrite", "--init-from", str(run / "best.pt")]) == 2
+    assert f"--init-from {run / 'best.pt'} is one of the files --overwrite would remove" in capsys.readouterr().err
+    typo = [*again, "--overwrite"]
+    typo[typo.index("--train-images") + 1] = str(tmp_path / "nowhere")
+    assert main(typo) == 2 and "image folder not found" in capsys.readouterr().err
+    assert {name: (run / name).read_bytes() for name in before} == before
 
     assert main([*again, "--overwrite"]) == 0
     assert [r["epoch"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())] == [1]

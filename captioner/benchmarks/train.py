@@ -235,27 +235,34 @@ def _feature_shape(model, image_size: int, device: torch.device) -> tuple[int, .
         return tuple(model.encoder.forward_prefix(torch.zeros(1, 3, image_size, image_size, device=device)).shape[1:])
 
 
-def setting_names(opts: TrainBenchmarkOptions) -> set[str]:
-    """Every setting run_train_benchmark can time with these options, on some device (what --only may name)."""
-    sources = ("jpeg", "packed_jpeg", "square_jpeg")
+def setting_names(opts: TrainBenchmarkOptions, cuda: bool) -> set[str]:
+    """Every setting run_train_benchmark times with these options on this kind of device (what --only may name)."""
+    sources = ("jpeg", "packed_jpeg", "square_jpeg") if opts.pack_size else ("jpeg",)
     twinned = {f"frozen_from_{source}" for source in sources} | {"cached_features"}
-    twins = {f"{name}_compiled" for name in twinned} | {f"{name}_batch{size}" for name in twinned
-                                                        for size in opts.more_batch_sizes}
-    gpu_decode = {"frozen_gpu_decode", "frozen_gpu_decode_prefetch", "frozen_gpu_decode_prefetch_packed",
+    twins = {f"{name}_batch{size}" for name in twinned for size in opts.more_batch_sizes}
+    twins |= {f"{name}_compiled" for name in twinned} if opts.compile else set()
+    names = {"baseline", "extract", "finetune_from_jpeg", *twinned, *twins,
+             *(f"loading_from_{source}" for source in sources)}
+    if cuda:
+        names |= {"frozen_gpu_decode", "frozen_gpu_decode_prefetch",
                   *(f"frozen_gpu_decode_prefetch_threads{n}" for n in opts.decode_threads)}
-    return {"baseline", "extract", "finetune_from_jpeg", "cached_features_cpu_bf16", *twinned, *twins, *gpu_decode,
-            *(f"loading_from_{source}" for source in sources)}
+        names |= {"frozen_gpu_decode_prefetch_packed"} if opts.pack_size else set()
+    else:
+        names.add("cached_features_cpu_bf16")
+    return names
 
 
 def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
     from ..training import resolve_device
 
-    unknown = sorted(set(opts.only) - setting_names(opts))
-    if unknown:  # before the images are generated: a typo must not cost a run that times nothing asked for
-        raise CaptionerError(f"--only: no setting named {', '.join(unknown)} (known: "
-                         f"{', '.join(sorted(setting_names(opts)))})")
     device = resolve_device(opts.device)
     cuda = device.type == "cuda"
+    known = setting_names(opts, cuda)
+    unknown = sorted(set(opts.only) - known)
+    if unknown:  # before the images are generated: a typo must not cost a run that times nothing asked for
+        raise CaptionerError(f"--only: with these options on {device.type}, no setting is named "
+                             f"{', '.join(unknown)} (--pack-size adds the packed and square ones, --compile the "
+                             f"_compiled ones, --more-batch-sizes the _batchB ones; known: {', '.join(sorted(known))})")
     if opts.coco_epoch and not cuda:
         raise CaptionerError("--coco-epoch needs a CUDA device (113,287 images through a CPU take hours)")
     warmup = 2 * opts.workers + 1
@@ -278,7 +285,7 @@ def run_train_benchmark(opts: TrainBenchmarkOptions) -> dict:
         wanted_family = lambda name: not opts.only or any(n.startswith(name) for n in opts.only)  # noqa: E731
 
         def measure(name: str, run: Callable[[], dict]) -> None:
-            assert name in setting_names(opts), f"{name} is missing from setting_names"
+            assert name in known, f"{name} is missing from setting_names"
             runs[name] = run
             result[name] = run()
 
