@@ -7,8 +7,8 @@
 A variant is a list of `captioner train` flags applied on top of the base config (`--base`); a `--config FILE`
 among them replaces the base instead (FILE relative to the variants file). Each variant runs
 
-    python -m captioner train --config BASE --dataset flickr8k --root ROOT --out OUT/NAME --no-progress FLAGS...
-    python -m captioner evaluate --checkpoint OUT/NAME/best.pt --dataset flickr8k --root ROOT --split dev \\
+    python scripts/train.py --config BASE --dataset flickr8k --root ROOT --out OUT/NAME --no-progress FLAGS...
+    python scripts/evaluate.py --checkpoint OUT/NAME/best.pt --dataset flickr8k --root ROOT --split dev \\
         --beam-size 3 --out OUT/NAME/dev_beam3.json
 
 as subprocesses (their output in OUT/NAME/train.log and eval.log), `--parallel K` variants at a time. Variants whose
@@ -78,8 +78,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = p.parse_args(argv)
     args.extra = extra
-    # The runs start in the repository (so `-m captioner` imports this checkout): paths given relative to where
-    # the script was started must not change meaning there
+    # Absolute in the commands it prints and logs (the runs start where this script did, so relative paths in
+    # the flags after `--` and in the variants keep their meaning too)
     args.root, args.out, args.base, args.variants = (os.path.abspath(path) for path in
                                                      (args.root, args.out, args.base, args.variants))
     if args.parallel < 1:
@@ -134,10 +134,10 @@ def commands(name: str, config: Path, flags: list[str], args: argparse.Namespace
     if not epochs and args.max_epochs:
         epochs = min(args.max_epochs, planned_epochs(config, [*flags, *args.extra]))
     shared = [] if args.separate_pretraining else ["--trunk-pretrain-cache", str(Path(args.out) / SHARED_TRUNKS)]
-    train = [sys.executable, "-m", "captioner", "train", "--config", str(config), "--dataset", "flickr8k",
+    train = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", str(config), "--dataset", "flickr8k",
              "--root", args.root, "--out", str(run), "--overwrite", "--no-progress", *shared, *flags, *args.extra,
              *(["--epochs", str(epochs)] if epochs else []), *device]
-    evaluate = [sys.executable, "-m", "captioner", "evaluate", "--checkpoint", str(run / "best.pt"),
+    evaluate = [sys.executable, str(REPO / "scripts" / "evaluate.py"), "--checkpoint", str(run / "best.pt"),
                 "--dataset", "flickr8k", "--root", args.root, "--split", "dev", "--beam-size", "3",
                 "--batch-size", str(args.eval_batch_size), "--out", str(run / "dev_beam3.json"), *device,
                 *(["--limit", str(args.eval_limit)] if args.eval_limit else [])]
@@ -163,7 +163,8 @@ class Runner:
             with self.lock:
                 if self.stopping:
                     return -signal.SIGTERM, 0.0, False
-                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+                # in the caller's folder; this checkout's scripts, which import its package (PYTHONPATH above)
+                proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=self.env)
                 self.live.add(proc)
             timed_out = False
             try:

@@ -36,7 +36,7 @@ def test_two_variants_in_parallel_and_a_broken_one(synthetic_dataset, tmp_path):
             "data": {"image_size": 64}, "train": {"batch_size": 16, "vocab_size": 200}}
     (tmp_path / "base.json").write_text(json.dumps(tiny))
     (tmp_path / "other.json").write_text(json.dumps(dict(tiny, train={**tiny["train"], "ema_decay": 0.5})))
-    variants = {"small_images": ["--image-size", "32"], "other_config": ["--config", "other.json", "--augment",
+    variants = {"small_images": ["--image-size", "32", "--feature-cache", "cache"], "other_config": ["--config", "other.json", "--augment",
                                                                         "--hflip"],
                 "broken": ["--no-such-flag"]}
     (tmp_path / "variants.json").write_text(json.dumps(variants))
@@ -46,6 +46,8 @@ def test_two_variants_in_parallel_and_a_broken_one(synthetic_dataset, tmp_path):
                            str(tmp_path / "variants.json"), "--parallel", "2", "--epochs", "1", "--device", "cpu"],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]  # one variant failed
+    # the runs start where the script did: a relative path among a variant's flags means the same there
+    assert (tmp_path / "cache").is_dir() and not (REPO / "cache").exists()
 
     results = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert list(results) == ["small_images", "other_config", "broken"]
@@ -56,7 +58,7 @@ def test_two_variants_in_parallel_and_a_broken_one(synthetic_dataset, tmp_path):
         assert r["dev_beam3"]["beam_size"] == 3 and r["dev_beam3"]["num_images"] == 8
         assert (r["best_epoch"], r["epochs_run"]) == (1, 1) and r["train_seconds"] > 0
         assert r["device"].startswith("cpu")
-    assert results["small_images"]["overrides"] == ["--image-size", "32"]
+    assert results["small_images"]["overrides"] == ["--image-size", "32", "--feature-cache", "cache"]
     assert Path(results["other_config"]["config"]) == tmp_path / "other.json"
     assert json.loads((out / "other_config" / "config.json").read_text())["train"]["ema_decay"] == 0.5
     assert json.loads((out / "small_images" / "config.json").read_text())["data"]["image_size"] == 32
@@ -65,7 +67,7 @@ def test_two_variants_in_parallel_and_a_broken_one(synthetic_dataset, tmp_path):
 
     table = (out / "results.md").read_text()
     assert table.splitlines()[0].startswith("| variant |") and table in proc.stdout
-    assert "| small_images | `--image-size 32` |" in table and "| broken |" in table
+    assert "| small_images | `--image-size 32 --feature-cache cache` |" in table and "| broken |" in table
     assert "--no-such-flag" in proc.stderr  # the failed variant's log tail
 
 
@@ -79,16 +81,16 @@ def test_dry_run_prints_the_commands_and_max_epochs_caps_only_longer_runs(tmp_pa
                            "--max-epochs", "6", "--dry-run", "--", "--workers", "2"],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    train = [line.split() for line in proc.stdout.splitlines() if " train " in line]
+    train = [line.split() for line in proc.stdout.splitlines() if "scripts/train.py " in line]
     assert [c[c.index("--config") + 1] for c in train] == [str(tmp_path / n) for n in ("base.json", "short.json",
                                                                                       "base.json")]
     assert [c[-2:] for c in train] == [["--epochs", "6"], ["--epochs", "4"], ["--epochs", "5"]]
     assert all(c[c.index("--no-progress") + 1 :][-4:-2] == ["--workers", "2"] for c in train)
     # variants with the same trunk pre-training share one trunk, trained once
     assert all(c[c.index("--trunk-pretrain-cache") + 1] == f"{tmp_path}/OUT/pretrained_trunks" for c in train)
-    # relative paths mean what they meant where the script started (its runs start in the repository)
+    # absolute, in the commands printed and the runs' logs
     assert all(c[c.index("--root") + 1] == f"{tmp_path}/ROOT" for c in train)
-    evaluate = [line.split() for line in proc.stdout.splitlines() if " evaluate " in line]
+    evaluate = [line.split() for line in proc.stdout.splitlines() if "scripts/evaluate.py " in line]
     assert [c[c.index("--checkpoint") + 1] for c in evaluate] == [f"{tmp_path}/OUT/{n}/best.pt"
                                                                   for n in ("base", "short", "flagged")]
     assert all(c[c.index("--beam-size") + 1] == "3" and c[c.index("--split") + 1] == "dev" for c in evaluate)
