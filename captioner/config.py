@@ -121,6 +121,41 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
     ("train", "scst_start"): ("best", "last"),
 }
 
+# The range each numeric setting must lie in: (section, key) -> (lowest, highest), None for no bound, a bound in
+# a 1-tuple excluded. Checked before a run starts (RunConfig.problems), so that a value out of range is named
+# with its flag instead of surfacing as a traceback from deep inside torch or SentencePiece, or not at all.
+LIMITS: dict[tuple[str, str], tuple[Any, Any]] = {
+    ("data", "image_size"): (16, None), ("data", "augment_scale_min"): ((0.0,), 1.0),
+    ("data", "color_jitter"): (0.0, 1.0), ("data", "val_limit"): (0, None),
+    ("model", "dim"): (8, None), ("model", "heads"): (1, None), ("model", "decoder_layers"): (1, None),
+    ("model", "bridge_layers"): (0, None), ("model", "dropout"): (0.0, (1.0,)), ("model", "max_len"): (3, None),
+    ("model", "attention_reg"): (0.0, None), ("model", "bow_weight"): (0.0, None),
+    ("train", "epochs"): (0, None), ("train", "batch_size"): (1, None), ("train", "accumulate"): (1, None),
+    ("train", "captions_per_image"): (0, None), ("train", "lr"): (0.0, None), ("train", "encoder_lr"): (0.0, None),
+    ("train", "weight_decay"): (0.0, None), ("train", "warmup_epochs"): (0.0, None),
+    ("train", "label_smoothing"): (0.0, (1.0,)), ("train", "clip_grad"): (0.0, None), ("train", "vocab_size"): (16, None),
+    ("train", "workers"): (0, None), ("train", "val_beam_size"): (1, None), ("train", "checkpoint_every"): (0, None),
+    ("train", "checkpoint_minutes"): (0.0, None), ("train", "ema_decay"): (0.0, (1.0,)),
+    ("train", "early_stop_patience"): (0, None), ("train", "trunk_pretrain_epochs"): (0, None),
+    ("train", "trunk_pretrain_lr"): ((0.0,), None), ("train", "trunk_pretrain_tags"): (1, None),
+    ("train", "trunk_pretrain_crop"): ((0.0,), 1.0), ("train", "scst_epochs"): (0, None),
+    ("train", "scst_lr"): ((0.0,), None),
+}
+
+
+def _out_of_range(value: float, lowest: Any, highest: Any) -> str | None:
+    """What `value` breaks of [lowest, highest] (a bound in a 1-tuple excluded), or None."""
+    if isinstance(lowest, tuple) and not value > lowest[0]:
+        return f"must be above {lowest[0]:g}"
+    if lowest is not None and not isinstance(lowest, tuple) and not value >= lowest:
+        return f"must be at least {lowest:g}"
+    if isinstance(highest, tuple) and not value < highest[0]:
+        return f"must be below {highest[0]:g}"
+    if highest is not None and not isinstance(highest, tuple) and not value <= highest:
+        return f"must be at most {highest:g}"
+    return None
+
+
 # A field's annotation (a string under `from __future__ import annotations`) -> the JSON values it accepts
 _JSON_KINDS = {"bool": ("true or false", (bool,)), "int": ("a whole number", (int,)),
                "float": ("a number", (int, float)), "str": ("a string", (str,))}
@@ -147,6 +182,21 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def problems(self) -> list[str]:
+        """Each setting out of its range (LIMITS), as `--flag (section.key) must be ..., got VALUE`; and a width
+        the attention heads do not divide."""
+        found = []
+        for (section, key), (lowest, highest) in LIMITS.items():
+            value = getattr(getattr(self, section), key)
+            broken = _out_of_range(value, lowest, highest)
+            if broken:
+                found.append(f"--{key.replace('_', '-')} ({section}.{key}) {broken}, got {value:g}")
+        if self.model.heads >= 1 and self.model.dim % self.model.heads:
+            found.append(f"--dim ({self.model.dim}) must be a multiple of --heads ({self.model.heads})")
+        if self.train.lr == 0 and self.train.scst_epochs > 0:  # the schedule holds --scst-lr as a share of --lr
+            found.append("--lr 0 leaves no learning rate to scale --scst-lr from; give --lr above 0")
+        return found
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":

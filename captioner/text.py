@@ -16,6 +16,8 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from .errors import CaptionerError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 # Any character that is not a letter, digit, apostrophe or whitespace becomes a space; apostrophes are dropped
@@ -89,6 +91,10 @@ class Tokenizer:
             corpus = Path(tmp) / "captions.txt"
             corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
             model = io.BytesIO()
+            needed = len(set("".join(lines))) + 4  # every character (the space included) and pad/unk/bos/eos
+            if model_type != "word" and vocab_size < needed:  # SentencePiece's refusal is an internal-error traceback
+                raise CaptionerError(f"--vocab-size {vocab_size} cannot hold these captions: their {needed - 4} "
+                                     f"distinct characters and 4 special tokens need at least {needed}")
             spm.SentencePieceTrainer.train(
                 input=str(corpus),
                 model_writer=model,

@@ -412,6 +412,9 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                             ", ".join(f"{k}={getattr(saved.train, k)!r}" for k in overridden),
                             ", ".join(f"{k}={getattr(cfg.train, k)!r}" for k in overridden))
         cfg = saved
+    problems = cfg.problems()
+    if problems:  # before anything is read or written
+        raise CaptionerError("settings out of range: " + "; ".join(problems))
     if payload is None and not extract_only and cfg.train.epochs < 1 and cfg.train.scst_epochs < 1:
         raise CaptionerError(f"--epochs {cfg.train.epochs} with no --scst-epochs: this run would train nothing")
     initial = adopt_checkpoint_model(cfg, typed_model) if payload is None and cfg.train.init_from else None
@@ -460,8 +463,6 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     val_loader = make_loader(val_records, cfg, None, train=False, device=device, dist=dist)
     sampler: EpochSampler = train_loader.sampler
     t = cfg.train
-    if t.accumulate < 1:
-        raise CaptionerError(f"--accumulate must be at least 1, got {t.accumulate}")
     optimizer = make_optimizer(model.param_groups(t.lr, t.encoder_lr, t.weight_decay), t.lr)
     steps_per_epoch = math.ceil(sampler.per_process / t.batch_size)  # batches; updates: / accumulate
     updates_per_epoch = math.ceil(steps_per_epoch / t.accumulate)
@@ -473,8 +474,6 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
 
     if payload is None and not initialised and start_weights == "none" and model.encoder.has_frozen_prefix:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
-    if t.ema_decay < 0 or t.ema_decay >= 1:
-        raise CaptionerError(f"--ema-decay must be 0 (off) or in (0, 1), got {t.ema_decay}")
     ema = checkpointer.ema = ModelEMA(model, t.ema_decay) if t.ema_decay > 0 else None
     start_epoch, best, history, totals = 1, float("-inf"), [], None
     if payload is not None:

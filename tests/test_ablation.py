@@ -36,8 +36,8 @@ def test_two_variants_in_parallel_and_a_broken_one(synthetic_dataset, tmp_path):
             "data": {"image_size": 64}, "train": {"batch_size": 16, "vocab_size": 200}}
     (tmp_path / "base.json").write_text(json.dumps(tiny))
     (tmp_path / "other.json").write_text(json.dumps(dict(tiny, train={**tiny["train"], "ema_decay": 0.5})))
-    variants = {"small_images": ["--image-size", "32", "--feature-cache", "cache"], "other_config": ["--config", "other.json", "--augment",
-                                                                        "--hflip"],
+    variants = {"small_images": ["--image-size", "32", "--feature-cache", "cache"],
+                "other_config": ["--config", "other.json", "--augment", "--hflip"],
                 "broken": ["--no-such-flag"]}
     (tmp_path / "variants.json").write_text(json.dumps(variants))
     out = tmp_path / "ablation"

@@ -100,6 +100,38 @@ def test_a_config_file_value_of_the_wrong_kind_is_refused_naming_file_and_key(tm
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size (train.batch_size) must be at least 1, got 0"),
+    (["--lr", "-0.001"], "--lr (train.lr) must be at least 0, got -0.001"),
+    (["--lr", "0", "--scst-epochs", "1"], "--lr 0 leaves no learning rate to scale --scst-lr from"),
+    (["--dropout", "1"], "--dropout (model.dropout) must be below 1, got 1"),
+    (["--label-smoothing", "1.5", "--workers", "-1"], "--label-smoothing (train.label_smoothing) must be below 1, "
+                                                      "got 1.5; --workers (train.workers) must be at least 0, got -1"),
+    (["--dim", "30"], "--dim (30) must be a multiple of --heads (4)"),
+])
+def test_settings_out_of_range_are_named_before_the_run_starts(tmp_path, capsys, flags, message):
+    code = main(["train", "--dataset", "flickr8k", "--root", str(tmp_path), "--out", str(tmp_path / "run"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and f"settings out of range: {message}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_vocabulary_too_small_for_the_captions_characters_is_named():
+    from captioner.errors import CaptionerError
+    from captioner.text import Tokenizer
+
+    # more distinct words than the vocabulary holds, so not a word vocabulary: subwords need every character
+    words = [f"{a}{b}{c}" for a in "ab" for b in "ab" for c in "ab"] + ["aaaa", "abab", "bbbb", "baba"]
+    captions = [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 3
+    needed = len(set("".join(captions))) + 4  # the characters, the space included, and pad/unk/bos/eos
+    assert len({w for c in captions for w in c.split()}) + 4 > needed  # a word vocabulary would need more
+    with pytest.raises(CaptionerError, match=f"--vocab-size {needed - 1} cannot hold these captions: their "
+                                             f"{needed - 4} distinct characters and 4 special tokens need at least "
+                                             f"{needed}"):
+        Tokenizer.train(captions, vocab_size=needed - 1)
+    assert Tokenizer.train(captions, vocab_size=needed).vocab_size <= needed
+
+
 def test_a_config_file_number_in_a_fractional_setting_may_be_whole():
     from captioner.config import RunConfig
 
