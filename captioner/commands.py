@@ -68,8 +68,7 @@ def pretrain_trunk(args) -> int:
     if args.resume:
         raise CaptionerError("pretrain-trunk cannot resume: an interrupted pre-training starts over")
     cfg = config_from_args(args)
-    if cfg.problems():
-        raise CaptionerError("settings out of range: " + "; ".join(cfg.problems()))
+    cfg.check()
     if cfg.train.trunk_pretrain_epochs < 1:
         raise CaptionerError("pretrain-trunk: give --trunk-pretrain-epochs N (N >= 1), in flags or the config file")
     out = check_writable_folder(cfg.train.out)

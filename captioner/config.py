@@ -199,6 +199,12 @@ class RunConfig:
             found.append("--lr 0 leaves no learning rate to scale --scst-lr from; give --lr above 0")
         return found
 
+    def check(self) -> None:
+        """A CaptionerError naming every problem() at once; before a run reads or writes anything."""
+        found = self.problems()
+        if found:
+            raise CaptionerError("settings out of range: " + "; ".join(found))
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> "RunConfig":
         """Strict: an unknown section or key, a value of the wrong type or a name outside a setting's choices is

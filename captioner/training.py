@@ -412,9 +412,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                             ", ".join(f"{k}={getattr(saved.train, k)!r}" for k in overridden),
                             ", ".join(f"{k}={getattr(cfg.train, k)!r}" for k in overridden))
         cfg = saved
-    problems = cfg.problems()
-    if problems:  # before anything is read or written
-        raise CaptionerError("settings out of range: " + "; ".join(problems))
+    cfg.check()
     if payload is None and not extract_only and cfg.train.epochs < 1 and cfg.train.scst_epochs < 1:
         raise CaptionerError(f"--epochs {cfg.train.epochs} with no --scst-epochs: this run would train nothing")
     initial = adopt_checkpoint_model(cfg, typed_model) if payload is None and cfg.train.init_from else None

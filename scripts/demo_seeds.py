@@ -21,8 +21,7 @@ from captioner.config import RunConfig
 from captioner.data.coco import load_coco
 from captioner.data.factory import evaluation_loader
 from captioner.data.synthetic import make_synthetic
-from captioner.decoding import DecodeOptions
-from captioner.demo import DEMO_EPOCHS, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES
+from captioner.demo import DEMO_DECODING, DEMO_EPOCHS, DEMO_TRAIN_IMAGES, DEMO_VAL_IMAGES, demo_config
 from captioner.engine import evaluate
 from captioner.training import fit
 
@@ -46,16 +45,11 @@ def main(argv: list[str]) -> int:
                                  batch_size=32)
     rows = []
     for seed in args.seeds:
-        cfg = RunConfig()  # as captioner/demo.py sets it up, but for the seed
-        cfg.data.train_captions, cfg.data.train_images = str(data.train_captions), str(data.train_images)
-        cfg.data.val_captions, cfg.data.val_images = str(data.val_captions), str(data.val_images)
-        cfg.data.val_limit = args.val_images // 2
-        cfg.train.out, cfg.train.epochs, cfg.train.device, cfg.train.seed = (str(out / f"seed{seed}"), args.epochs,
-                                                                              args.device, seed)
+        cfg = demo_config(data, out / f"seed{seed}", args.device, args.epochs, args.val_images, seed)
         started = time.time()
         result = fit(cfg, progress=False, overwrite=True)
         model, tokenizer, _ = load_model(out / f"seed{seed}" / "best.pt", device)
-        metrics = evaluate(model, held_out, tokenizer, device, DecodeOptions(beam_size=3, max_len=30)).metrics
+        metrics = evaluate(model, held_out, tokenizer, device, DEMO_DECODING).metrics
         rows.append({"seed": seed, "held_out_bleu_4": round(metrics["Bleu_4"], 4),
                      "final_train_loss": round(result["history"][-1]["train_loss"], 4),
                      "seconds": round(time.time() - started, 1)})
