@@ -47,6 +47,12 @@ class Distributed:
             return flag
         return self.sum([0.0 if flag else 1.0], device)[0] == 0.0
 
+    def any_each(self, flags: list[bool], device: torch.device) -> list[bool]:
+        """For each flag, whether it holds on at least one process: several decisions in one all_reduce."""
+        if not self.enabled:
+            return list(flags)
+        return [count > 0 for count in self.sum([1.0 if flag else 0.0 for flag in flags], device)]
+
     def gather(self, obj: Any) -> list[Any]:
         """Every process's `obj` (picklable), in rank order, on every process."""
         if not self.enabled:

@@ -107,6 +107,11 @@ class EpochTotals:
     reward_sum: float = 0.0  # self-critical epochs: the sampled captions' rewards (scst.py)
     rewards: int = 0
 
+    def position_only(self) -> EpochTotals:
+        """Where the epoch stands (batches, updates, skipped updates: the same on every process) with the sums
+        zeroed: a resumed process other than rank 0 adds only its own share to the whole run's saved sums."""
+        return EpochTotals(batches=self.batches, steps=self.steps, nonfinite_steps=self.nonfinite_steps)
+
     def summary(self) -> dict[str, Any]:
         summary = {"train_loss": self.loss_sum / max(self.tokens, 1),
                    "train_bow_loss": self.bow_sum / max(self.images, 1), "images": self.images, "steps": self.steps,

@@ -269,16 +269,18 @@ class StopSignals:
     def __exit__(self, *exc_info) -> None:
         self._restore()
 
-    def agreed(self, dist: Distributed, device: torch.device) -> bool:
-        """Whether any process received a signal, by one vote of them all; a process that learns another one
-        did takes the signal as its own. A process must stop on this answer only: acting on its own flag, set
-        by a signal that arrived after the vote, it would leave the others waiting in their next collective
-        (DDP's gradient all-reduce), and torchrun forwards a SIGTERM to each process at a slightly different
-        moment. A signal that misses one vote is counted at the next."""
-        stopping = not dist.all_true(self.received is None, device)
+    def agreed(self, dist: Distributed, device: torch.device, checkpoint_due: bool = False) -> tuple[bool, bool]:
+        """-> (stop, checkpoint): whether any process received a signal, and whether any process finds a
+        mid-epoch checkpoint due, by one vote of them all; a process that learns another one received a signal
+        takes it as its own. A process must stop on this answer only: acting on its own flag, set by a signal
+        that arrived after the vote, it would leave the others waiting in their next collective (DDP's gradient
+        all-reduce), and torchrun forwards a SIGTERM to each process at a slightly different moment. A signal
+        that misses one vote is counted at the next. The checkpoint is voted on for the same reason: writing one
+        sums the epoch's figures over the processes, and `--checkpoint-minutes` reads each process's own clock."""
+        stopping, checkpointing = dist.any_each([self.received is not None, checkpoint_due], device)
         if stopping:
             self.received = self.received or signal.SIGTERM
-        return stopping
+        return stopping, checkpointing
 
     def raise_if_received(self, where: str, out: Path) -> None:
         if self.received is not None:
@@ -477,6 +479,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     if payload is not None:
         start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
                                                       out, ema)
+        if totals is not None and not dist.is_main:  # the saved sums are the whole run's: rank 0 carries them on
+            totals = totals.position_only()
     remove_earlier_run(replaced, out, dist)  # the checks passed: nothing is lost to a run that cannot start
     if payload is not None and dist.is_main:  # a kill between last.pt and log.jsonl at the final epoch leaves
         write_log(out / "log.jsonl", history)  # no epoch to rewrite it
@@ -514,9 +518,11 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                                               cfg.model.max_len, t.seed, epoch, totals, stores.get("train"), reward)
 
             def after_batch(so_far: EpochTotals, epoch: int = epoch) -> None:
-                stopping = stop.agreed(dist, device)  # all processes stop together, at the same batch
-                if stopping or checkpointer.mid_epoch_due(so_far):
-                    checkpointer.save_last(checkpointer.payload(model, optimizer, scheduler, epoch, so_far, best,
+                # All processes stop, and checkpoint, together at the same batch.
+                stopping, checkpointing = stop.agreed(dist, device, checkpointer.mid_epoch_due(so_far))
+                if stopping or checkpointing:  # the checkpoint holds the whole run's figures, not rank 0's share
+                    everyone = _summed_over_processes(so_far, dist, device) if dist.enabled else so_far
+                    checkpointer.save_last(checkpointer.payload(model, optimizer, scheduler, epoch, everyone, best,
                                                                 history))
                 if stopping:
                     stop.raise_if_received(f"at epoch {epoch}, batch {so_far.batches} of {steps_per_epoch}", out)
@@ -562,7 +568,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
                      record["example"])
             if t.tensorboard and dist.rank == 0:
                 write_epoch_scalars(out / TENSORBOARD_DIR, record)
-            if stop.agreed(dist, device):
+            if stop.agreed(dist, device)[0]:
                 stop.raise_if_received(f"after epoch {epoch}", out)
             if stopping_early:
                 log.info("early stop after epoch %d of %d: validation BLEU-4 has not improved for %d epochs "

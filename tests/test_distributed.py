@@ -98,16 +98,47 @@ def test_torchrun_copies_a_trunk_from_the_pretrained_trunk_cache(synthetic_datas
     assert (tmp_path / "two" / "trunk_pretrained.pt").read_bytes() == stored
 
 
+def test_torchrun_killed_mid_epoch_resumes_with_the_whole_runs_figures(synthetic_dataset, tmp_path):
+    """A mid-epoch checkpoint of a torchrun run holds the epoch's sums over every process (rank 0 writes it), so
+    the resumed epoch logs the loss an uninterrupted run logs, not rank 0's share counted once per process."""
+    from test_resume import DIE_DURING_SAVE, batches_done
+
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    args = train_args(synthetic_dataset, tmp_path / "whole", 4) + ["--checkpoint-every", "1"]
+    whole = run([*torchrun, "-m", "captioner.cli", *args])
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    # Rank 0 (the only writer) tears its 4th checkpoint and dies, during epoch 1; torchrun ends rank 1.
+    dying = tmp_path / "dying.py"
+    dying.write_text('import os\nif os.environ["RANK"] != "0":\n    os.environ["KILL_AT_SAVE"] = "1000000"\n'
+                     + DIE_DURING_SAVE)
+    out = tmp_path / "killed"
+    args = train_args(synthetic_dataset, out, 4) + ["--checkpoint-every", "1"]
+    killed = subprocess.run([*torchrun, str(dying), *args], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+                                 "OMP_NUM_THREADS": "1", "KILL_AT_SAVE": "4"})
+    assert killed.returncode != 0 and batches_done(out / "last.pt") == 3, killed.stderr[-3000:]
+    resumed = run([*torchrun, "-m", "captioner.cli", "train", "--resume", str(out / "last.pt")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expected, got = ([json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+                     for name in ("whole", "killed"))
+    assert [r["epoch"] for r in got] == [1, 2]
+    for a, b in zip(expected, got):
+        assert b["images"] == a["images"] == 48 and b["steps"] == a["steps"] == 6
+        assert abs(a["train_loss"] - b["train_loss"]) <= 1e-5 * a["train_loss"], (a["train_loss"], b["train_loss"])
+
+
 class _TwoProcessVote:
-    """The vote of this process and another one whose answers (True: no signal there) are scripted."""
+    """The vote of this process and another one whose answers are scripted: (signal there, checkpoint due there)."""
 
     enabled = True
 
-    def __init__(self, others: list[bool]) -> None:
+    def __init__(self, others: list[tuple[bool, bool]]) -> None:
         self.others = others
 
-    def all_true(self, flag: bool, device: torch.device) -> bool:
-        return flag and self.others.pop(0)
+    def any_each(self, flags: list[bool], device: torch.device) -> list[bool]:
+        return [mine or theirs for mine, theirs in zip(flags, self.others.pop(0))]
 
 
 def test_processes_stop_on_the_vote_not_on_a_signal_that_came_after_it():
@@ -116,10 +147,22 @@ def test_processes_stop_on_the_vote_not_on_a_signal_that_came_after_it():
     from captioner.training import StopSignals
 
     stop, device = StopSignals(), torch.device("cpu")
-    dist = _TwoProcessVote(others=[True, True])
-    assert not stop.agreed(dist, device)
+    dist = _TwoProcessVote(others=[(False, False), (False, False)])
+    assert stop.agreed(dist, device) == (False, False)
     stop.received = signal.SIGINT  # arrives after that vote: the other process goes on to its next batch, so must this
-    assert stop.agreed(dist, device) and stop.received == signal.SIGINT  # counted at the next vote
+    assert stop.agreed(dist, device) == (True, False) and stop.received == signal.SIGINT  # counted at the next vote
 
     told = StopSignals()  # this process got nothing, the other a signal: both stop, this one as for a SIGTERM
-    assert told.agreed(_TwoProcessVote(others=[False]), device) and told.received == signal.SIGTERM
+    assert told.agreed(_TwoProcessVote(others=[(True, False)]), device) == (True, False)
+    assert told.received == signal.SIGTERM
+
+
+def test_a_checkpoint_due_on_one_process_clock_is_written_by_all():
+    """--checkpoint-minutes reads each process's clock; writing a checkpoint sums figures over all processes, so
+    a process whose clock says "not yet" must join the one whose clock says "now", or that one waits forever."""
+    from captioner.training import StopSignals
+
+    device = torch.device("cpu")
+    assert StopSignals().agreed(_TwoProcessVote(others=[(False, True)]), device, checkpoint_due=False) == (False, True)
+    assert StopSignals().agreed(_TwoProcessVote(others=[(False, False)]), device, checkpoint_due=True) == (False, True)
+    assert StopSignals().agreed(_TwoProcessVote(others=[(False, False)]), device) == (False, False)
