@@ -121,6 +121,9 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Safe load (weights_only=True) with clear errors for missing, corrupt, unsafe and incompatible files."""
     path = Path(path)
+    if path.is_dir():
+        found = ", ".join(name for name in ("best.pt", "last.pt") if (path / name).is_file())
+        raise CheckpointError(f"checkpoint {path} is a folder; give a file in it{f' ({found})' if found else ''}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     with open(path, "rb") as f:
@@ -181,6 +184,17 @@ INFERENCE_KEYS = ("format_version", "model", "config", "tokenizer", "epoch", "be
 FP16_MAX = torch.finfo(torch.float16).max
 
 
+def _is_training_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint a run wrote (RUN/last.pt, best.pt), which an export must not replace: a
+    typo in the destination would cost the run its resumable state. Anything else there may be overwritten."""
+    if not path.is_file():
+        return False
+    try:
+        return "optimizer" in load_checkpoint(path)
+    except CaptionerError:
+        return False
+
+
 def export_checkpoint(source: str | Path, dest: str | Path, fp16: bool = False) -> dict[str, Any]:
     """Write the inference part of checkpoint `source` to `dest`: the weights (as fp16 with `fp16`, which
     `load_model` turns back into fp32 parameters), the run config, the tokenizer and the epoch's metrics.
@@ -192,6 +206,9 @@ def export_checkpoint(source: str | Path, dest: str | Path, fp16: bool = False) 
     source, dest = Path(source), Path(dest)
     if dest.exists() and dest.resolve() == source.resolve():
         raise CaptionerError(f"export: {dest} is the checkpoint being exported; give another file")
+    if _is_training_checkpoint(dest):
+        raise CaptionerError(f"export: {dest} is a training checkpoint (it holds the optimizer state that "
+                             "`train --resume` continues from); give another file")
     payload = load_checkpoint(source)
     model_from_payload(payload, source)  # a file that does not build this captioner's model fails here, named
     weights = clean_state_dict(payload["model"])

@@ -10,6 +10,19 @@ class CaptionerError(Exception):
     exit_status = 2
 
 
+def user_message(exc: CaptionerError) -> str:
+    """The message to print for `exc`. One raised in a DataLoader worker reaches the main process re-created by
+    torch with the worker's traceback as its message ("Caught ImageReadError in DataLoader worker process 0.
+    Original Traceback ... captioner.errors.ImageReadError: cannot read image ..."): its own message is what
+    follows the error's name on the traceback's last line."""
+    message = str(exc)
+    if "\nOriginal Traceback" not in message:
+        return message
+    name = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    at = message.rfind(name)
+    return message[at + len(name):].strip() if at >= 0 else message
+
+
 class DatasetFormatError(CaptionerError, ValueError):
     """An annotation or split file is malformed: bad JSON, missing keys, wrong types."""
 

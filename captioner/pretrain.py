@@ -33,7 +33,7 @@ from tqdm import tqdm
 from .atomic import write_atomically
 from .config import RunConfig
 from .data.collate import stacked_draws
-from .data.dataset import CaptionDataset, ignore_stop_signals
+from .data.dataset import CaptionDataset, ignore_stop_signals, stop_workers
 from .data.device_augment import augment_batch
 from .data.records import ImageRecord
 from .data.transforms import TrainAugment
@@ -242,44 +242,47 @@ def pretrain_trunk(cfg: RunConfig, train_records: Sequence[ImageRecord], val_rec
     settings = settings or pretraining_settings(cfg, train_records, val_records)
     max_norm = t.clip_grad if t.clip_grad > 0 else math.inf  # 0 = no clipping, as in captioning
     best, history = -math.inf, []
-    for epoch in range(1, t.trunk_pretrain_epochs + 1):
-        started, batches, skipped = time.time(), 0, 0
-        model.train()
-        total = torch.zeros((), device=device)  # summed on the device: a loss read per step would wait for it
-        for images, rows, draws in _progress(train_loader, progress, f"trunk pre-training {epoch}"):
-            if not len(rows):
-                continue
-            with autocast_for(device):
-                logits = model(_pixels(images, draws, device))
-            loss = tag_loss(logits, train_targets[rows].to(device, non_blocking=True), t.trunk_pretrain_loss)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            # The step's wait for the GPU (its only one with the sigmoid loss): a NaN/inf loss or gradient
-            # never reaches the weights
-            if not bool(torch.isfinite(loss.detach() + norm)):
-                skipped += 1
+    try:
+        for epoch in range(1, t.trunk_pretrain_epochs + 1):
+            started, batches, skipped = time.time(), 0, 0
+            model.train()
+            total = torch.zeros((), device=device)  # summed on the device: a loss read per step would wait for it
+            for images, rows, draws in _progress(train_loader, progress, f"trunk pre-training {epoch}"):
+                if not len(rows):
+                    continue
+                with autocast_for(device):
+                    logits = model(_pixels(images, draws, device))
+                loss = tag_loss(logits, train_targets[rows].to(device, non_blocking=True), t.trunk_pretrain_loss)
                 optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                # The step's wait for the GPU (its only one with the sigmoid loss): a NaN/inf loss or gradient
+                # never reaches the weights
+                if not bool(torch.isfinite(loss.detach() + norm)):
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    continue
+                optimizer.step()
                 scheduler.step()
-                continue
-            optimizer.step()
-            scheduler.step()
-            total += loss.detach()
-            batches += 1
-        if skipped:
-            log.warning("trunk pre-training epoch %d: skipped %d steps with a non-finite loss or gradient", epoch,
-                        skipped)
-        if batches == 0:
-            raise CaptionerError(f"trunk pre-training epoch {epoch}: no step had a finite loss and gradient")
-        val_map = _score(model, val_loader, val_targets, device)
-        record = {"epoch": epoch, "loss": round(float(total) / max(1, batches), 5), "val_map": round(val_map, 4),
-                  "seconds": round(time.time() - started, 1)}
-        history.append(record)
-        log.info("trunk pre-training epoch %d: loss %.4f, validation tag mAP %.4f%s, %.0f s", epoch, record["loss"],
-                 val_map, " (best)" if val_map > best else "", record["seconds"])
-        if val_map > best or (math.isnan(val_map) and epoch == t.trunk_pretrain_epochs):  # no validation: the last
-            best = val_map if val_map > best else best
-            kept = {"state_dict": model.trunk_state_dict(), "best_epoch": epoch, "best_val_map": round(val_map, 4)}
+                total += loss.detach()
+                batches += 1
+            if skipped:
+                log.warning("trunk pre-training epoch %d: skipped %d steps with a non-finite loss or gradient", epoch,
+                            skipped)
+            if batches == 0:
+                raise CaptionerError(f"trunk pre-training epoch {epoch}: no step had a finite loss and gradient")
+            val_map = _score(model, val_loader, val_targets, device)
+            record = {"epoch": epoch, "loss": round(float(total) / max(1, batches), 5), "val_map": round(val_map, 4),
+                      "seconds": round(time.time() - started, 1)}
+            history.append(record)
+            log.info("trunk pre-training epoch %d: loss %.4f, validation tag mAP %.4f%s, %.0f s", epoch, record["loss"],
+                     val_map, " (best)" if val_map > best else "", record["seconds"])
+            if val_map > best or (math.isnan(val_map) and epoch == t.trunk_pretrain_epochs):  # no validation: the last
+                best = val_map if val_map > best else best
+                kept = {"state_dict": model.trunk_state_dict(), "best_epoch": epoch, "best_val_map": round(val_map, 4)}
+    finally:
+        stop_workers(train_loader, val_loader)  # however the pre-training ends
     # Written once, complete: a file from a run killed half-way would otherwise pass for a finished one
     summary = {"tags": tags, "best_epoch": kept["best_epoch"], "best_val_map": kept["best_val_map"],
                "settings": settings, "history": history}

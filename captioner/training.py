@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import ExitStack
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Collection
@@ -32,7 +33,7 @@ from .checkpoint import (check_writable_folder, clean_state_dict, load_checkpoin
 from .config import RunConfig
 from .curves import TENSORBOARD_DIR, write_epoch_scalars
 from .data.collate import CaptionCollate, stacked_draws
-from .data.dataset import CaptionDataset, ignore_stop_signals
+from .data.dataset import CaptionDataset, ignore_stop_signals, stop_workers
 from .data.device_augment import DeviceAugmentLoader, augment_batch
 from .data.device_decode import DeviceDecodingLoader
 from .data.factory import load_records
@@ -151,12 +152,18 @@ def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: to
     """Measure BatchNorm statistics for the frozen prefix of a randomly initialised trunk (see
     ResNet18Trunk.calibrate_prefix) on the first `num_images` of epoch 0's order, in chunks of `chunk`: the same
     images whatever the batch size or number of processes, so every process (and a single-process run with
-    the same global batch) gets identical statistics."""
+    the same global batch) gets identical statistics.
+
+    None of those images readable is an error, raised before the run changes anything in its folder: the
+    statistics would stay those of an untouched BatchNorm and the epochs would skip every image anyway."""
     order = EpochSampler(len(dataset), seed).order()[:num_images]
+    read = 0
 
     def batches():
+        nonlocal read
         for start in range(0, len(order), chunk):
             items = [item for item in (dataset[i] for i in order[start : start + chunk]) if item is not None]
+            read += len(items)
             if items:
                 images = torch.stack([item["image"] for item in items])
                 draws = stacked_draws(items)  # augmentation that would run on the device (augment_later)
@@ -167,7 +174,11 @@ def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: to
         model.encoder.calibrate_prefix(batches())
     finally:
         dataset.encoded = encoded
-    log.info("calibrated the frozen trunk's BatchNorm statistics on %d images", len(order))
+    if read == 0:
+        raise CaptionerError(f"none of the {len(order)} training images read to calibrate the frozen trunk could be "
+                             f"read (the first: {dataset.records[order[0]].path}); see the warnings above")
+    log.info("calibrated the frozen trunk's BatchNorm statistics on %d images%s", read,
+             f" ({len(order) - read} unreadable, skipped)" if read < len(order) else "")
 
 
 class TrainStep(nn.Module):
@@ -384,13 +395,15 @@ def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extrac
     """
     dist, device_name = init_distributed(cfg.train.device)
     try:
-        return _fit(cfg, resume, progress, dist, device_name, extract_only, resume_changes, typed_model, overwrite)
+        with ExitStack() as on_exit:
+            return _fit(cfg, resume, progress, dist, device_name, on_exit, extract_only, resume_changes,
+                        typed_model, overwrite)
     finally:
         shutdown_distributed()
 
 
 def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, device_name: str,
-         extract_only: bool = False, resume_changes: Collection[str] | None = None,
+         on_exit: ExitStack, extract_only: bool = False, resume_changes: Collection[str] | None = None,
          typed_model: Collection[str] | None = None, overwrite: bool = False) -> dict[str, Any]:
     if not dist.is_main:
         logging.getLogger("captioner").setLevel(logging.WARNING)
@@ -443,8 +456,6 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     if payload is None and cfg.train.trunk_pretrain_epochs > 0:
         start_weights = str(pretrained_trunk(cfg, train_records, val_records, out, device, progress, dist))
         seed_everything(cfg.train.seed, cfg.train.deterministic)  # the same start whether it was trained or reused
-    if dist.is_main:
-        cfg.save(out / "config.json")
     log.info("train %d images, val %d images, vocabulary %d, device %s%s", len(train_records), len(val_records),
              tokenizer.vocab_size, device, f", {dist.world_size} processes" if dist.enabled else "")
 
@@ -461,6 +472,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     model = model.to(memory_format=torch.channels_last)
     train_loader = make_loader(train_records, cfg, tokenizer, train=True, device=device, dist=dist)
     val_loader = make_loader(val_records, cfg, None, train=False, device=device, dist=dist)
+    on_exit.callback(stop_workers, train_loader, val_loader)  # however the run ends (see stop_workers)
     sampler: EpochSampler = train_loader.sampler
     t = cfg.train
     optimizer = make_optimizer(model.param_groups(t.lr, t.encoder_lr, t.weight_decay), t.lr)
@@ -482,6 +494,8 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
         if totals is not None and not dist.is_main:  # the saved sums are the whole run's: rank 0 carries them on
             totals = totals.position_only()
     remove_earlier_run(replaced, out, dist)  # the checks passed: nothing is lost to a run that cannot start
+    if dist.is_main:  # and with them, the earlier run's config.json describes its checkpoints until here
+        cfg.save(out / "config.json")
     if payload is not None and dist.is_main:  # a kill between last.pt and log.jsonl at the final epoch leaves
         write_log(out / "log.jsonl", history)  # no epoch to rewrite it
 

@@ -1,6 +1,7 @@
 import errno
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,21 @@ def test_export_keeps_what_captioning_needs_and_resume_refuses_it(trained_run, t
     capsys.readouterr()
     assert main(["train", "--resume", str(tmp_path / "model.pt"), "--device", "cpu"]) == 2
     assert "written by `captioner export`" in capsys.readouterr().err
+
+
+def test_export_never_replaces_a_training_checkpoint_but_may_replace_an_export(trained_run, tmp_path, capsys):
+    from captioner.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    last = (run / "last.pt").read_bytes()
+    assert main(["export", str(run / "best.pt"), str(run / "last.pt")]) == 2
+    assert (f"export: {run / 'last.pt'} is a training checkpoint (it holds the optimizer state that "
+            "`train --resume` continues from); give another file") in capsys.readouterr().err
+    assert (run / "last.pt").read_bytes() == last
+    assert main(["export", str(run / "best.pt"), str(tmp_path / "model.pt")]) == 0
+    assert main(["export", str(run / "last.pt"), str(tmp_path / "model.pt"), "--fp16"]) == 0  # an export: replaced
+    assert load_checkpoint(tmp_path / "model.pt")["exported"]["weights"] == "float16"
 
 
 def test_export_refuses_its_own_source_and_weights_beyond_fp16(tmp_path, capsys):

@@ -95,6 +95,21 @@ def test_load_karpathy_splits_paths_and_ids(tmp_path):
         load_karpathy(path, tmp_path, "restval")
 
 
+def test_a_karpathy_filepath_folder_missing_under_root_is_named_before_training(tmp_path):
+    """Not an epoch of "skipping unreadable image" warnings for every val2014 image of the training split."""
+    from captioner.data.factory import load_records
+    data = {"dataset": "coco", "images": [_karpathy_item(0, "train", filepath="train2014", cocoid=100),
+                                          _karpathy_item(1, "restval", filepath="val2014", cocoid=101)]}
+    path = _write_json(tmp_path / "dataset_coco.json", data)
+    (tmp_path / "train2014").mkdir()
+    with pytest.raises(DatasetFormatError) as refused:
+        load_records("karpathy", "train", karpathy_json=str(path), root=str(tmp_path))
+    assert str(refused.value) == (f"image folder not found: {tmp_path / 'val2014'} (a \"filepath\" of the train split "
+                                  f"in {path}, under --root)")
+    (tmp_path / "val2014").mkdir()
+    assert len(load_records("karpathy", "train", karpathy_json=str(path), root=str(tmp_path))) == 2
+
+
 @pytest.mark.parametrize("data, expected", [
     ({"dataset": "x"}, "'images'"),
     ({"images": [{"split": "train", "imgid": 0, "sentences": []}]}, "images[0] is missing key 'filename'"),

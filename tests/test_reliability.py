@@ -183,6 +183,27 @@ def test_training_skips_and_counts_unreadable_images_or_stops_with_strict(synthe
     assert any(path.name in proc.stderr for path in bad) and "not a recognised image format" in proc.stderr
 
 
+def test_strict_training_stops_on_an_image_a_loader_worker_cannot_read(synthetic_dataset, tmp_path):
+    """The error comes from a worker process (a trained trunk needs no calibration pass in the main process); the
+    run exits with it, one line naming the file, rather than waiting forever on workers that ignore SIGTERM."""
+    images = tmp_path / "train"
+    shutil.copytree(synthetic_dataset.train_images, images)
+    bad = sorted(images.iterdir())[5]
+    bad.write_bytes(bad.read_bytes()[:300])
+    d = synthetic_dataset
+    proc = subprocess.run(
+        [sys.executable, "-m", "captioner.cli", "train", "--dataset", "coco", "--train-captions", str(d.train_captions),
+         "--train-images", str(images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
+         "--epochs", "1", *TINY, "--trainable-layers", "3", "--workers", "2", "--strict",
+         "--out", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 2, proc.stderr
+    error = proc.stderr.strip().splitlines()[-1]
+    assert error == f"captioner train: error: cannot read image '{bad}': file is truncated (an incomplete download " \
+                    "or copy?): Truncated File Read", proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_missing_image_folder_or_an_epoch_of_unreadable_images_stops_training(synthetic_dataset, tmp_path,
                                                                                  capsys):
     """Not a run that "succeeds" with every image skipped: the missing folder is named before anything starts,
@@ -203,6 +224,11 @@ def test_a_missing_image_folder_or_an_epoch_of_unreadable_images_stops_training(
     empty = tmp_path / "empty"
     empty.mkdir()  # the folder is there, none of its images
     code = main([*common, "--train-images", str(empty), "--out", str(tmp_path / "unreadable")])
+    assert code == 2  # a frozen trunk's calibration reads images before the run writes anything
+    assert "none of the 48 training images read to calibrate the frozen trunk" in capsys.readouterr().err
+    assert not (tmp_path / "unreadable" / "config.json").exists()
+    code = main([*common, "--train-images", str(empty), "--out", str(tmp_path / "unreadable"), "--trainable-layers",
+                 "3"])  # no calibration: the epoch finds it
     assert code == 2
     assert "epoch 1: no training image could be read (48 skipped" in capsys.readouterr().err
     assert not (tmp_path / "unreadable" / "best.pt").exists()
@@ -214,7 +240,7 @@ def test_a_new_run_refuses_a_folder_holding_another_run_unless_overwrite(trained
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     (run / "trunk_pretrained.pt").write_bytes(b"kept: checked against a run's settings before any reuse")
-    before = {name: (run / name).read_bytes() for name in ("best.pt", "last.pt", "log.jsonl")}
+    before = {name: (run / name).read_bytes() for name in ("best.pt", "last.pt", "log.jsonl", "config.json")}
     d = synthetic_dataset
     again = ["train", "--dataset", "coco", "--train-captions", str(d.train_captions), "--train-images",
              str(d.train_images), "--val-captions", str(d.val_captions), "--val-images", str(d.val_images),
@@ -233,6 +259,16 @@ def test_a_new_run_refuses_a_folder_holding_another_run_unless_overwrite(trained
     typo = [*again, "--overwrite"]
     typo[typo.index("--train-images") + 1] = str(tmp_path / "nowhere")
     assert main(typo) == 2 and "image folder not found" in capsys.readouterr().err
+    unreadable = tmp_path / "unreadable"  # every training image: the frozen trunk's calibration finds none
+    unreadable.mkdir()
+    for image in d.train_images.iterdir():
+        (unreadable / image.name).write_bytes(b"not an image")
+    typo[typo.index("--train-images") + 1] = str(unreadable)
+    assert main(typo) == 2
+    assert ("none of the 48 training images read to calibrate the frozen trunk could be read (the first: "
+            f"{unreadable}") in capsys.readouterr().err
+    assert main([*again, "--overwrite", "--gpu-decode"]) == 2  # refused once the model is built (no CUDA here)
+    assert "--gpu-decode decodes JPEGs with nvjpeg on a CUDA device" in capsys.readouterr().err
     assert {name: (run / name).read_bytes() for name in before} == before
 
     assert main([*again, "--overwrite"]) == 0

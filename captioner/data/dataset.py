@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import ImageReadError
 from .device_decode import encoded_jpeg
@@ -33,6 +33,23 @@ def ignore_stop_signals(worker_id: int) -> None:
     and stops the workers itself (they also exit on their own once the main process is gone)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers(*loaders) -> None:
+    """Stops the loaders' persistent worker processes now; called by a run as it ends, on an error above all.
+
+    Workers ignore SIGTERM (ignore_stop_signals), and the terminate that multiprocessing sends its children at
+    interpreter exit is a SIGTERM: a run ending on an error while the error's traceback still holds a loader's
+    iterator (whose clean-up then never runs) would wait for its workers forever. The iterator's own shutdown
+    asks them to exit through their queues, which they obey. Wrappers (DeviceDecodingLoader,
+    DeviceAugmentLoader) are followed to their DataLoader through `loader`."""
+    for loader in loaders:
+        while not isinstance(loader, DataLoader) and hasattr(loader, "loader"):
+            loader = loader.loader
+        iterator = getattr(loader, "_iterator", None)  # where a DataLoader keeps its persistent workers' iterator
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 class CaptionDataset(Dataset):

@@ -23,7 +23,10 @@ def load_records(dataset: str, split: str, *, captions: str = "", images: str = 
     Flickr8k calls its validation split 'dev'; Karpathy files hold every split and fold restval into train."""
     if dataset == "coco":
         if not captions or not images:
-            raise CaptionerError(f"--dataset coco needs the {split} caption JSON and image folder")
+            missing = " and ".join(what for what, given in (("caption JSON", captions), ("image folder", images))
+                                   if not given)
+            raise CaptionerError(f"--dataset coco needs the {split} split's caption JSON and image folder; no "
+                                 f"{missing} was given")
         records = load_coco(captions, images)
         _require_folder(images, f"the {split} image folder of {captions}")
     elif dataset == "flickr8k":
@@ -35,6 +38,8 @@ def load_records(dataset: str, split: str, *, captions: str = "", images: str = 
             raise CaptionerError("--dataset karpathy needs --karpathy-json and --root (the image folder)")
         records = load_karpathy(karpathy_json, root, split)
         _require_folder(root, f"--root, the image folder of {karpathy_json}")
+        for folder in sorted({str(Path(r.path).parent) for r in records} - {str(Path(root))}):
+            _require_folder(folder, f"a \"filepath\" of the {split} split in {karpathy_json}, under --root")
     else:
         raise CaptionerError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if not records:
