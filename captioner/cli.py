@@ -11,7 +11,8 @@ import logging
 import sys
 
 from .config import DataConfig
-from .errors import CaptionerError
+from .errors import CaptionerError, user_message
+from .flag_types import at_least
 
 
 def _add_dataset_flags(p: argparse.ArgumentParser, default_split: str | None) -> None:
@@ -23,7 +24,7 @@ def _add_dataset_flags(p: argparse.ArgumentParser, default_split: str | None) ->
     g.add_argument("--karpathy-json", default="")
     g.add_argument("--split", default=default_split, choices=("train", "val", "dev", "test"),
                    help="flickr8k/karpathy split (default: %(default)s; coco files hold one split each)")
-    g.add_argument("--limit", type=int, default=0, help="score only the first N images (0 = all)")
+    g.add_argument("--limit", type=at_least(0), default=0, help="score only the first N images (0 = all)")
 
 
 CHECKPOINTS_HELP = ("a checkpoint (RUN/best.pt or an exported file); repeated (--checkpoint A --checkpoint B), one "
@@ -36,9 +37,9 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--length-penalty", type=float, default=0.0, help="GNMT alpha for ranking beams (0 = raw)")
     g.add_argument("--length-norm", choices=("gnmt", "average"), default="gnmt",
                    help="rank finished captions by GNMT penalty (with --length-penalty) or mean log-prob per token")
-    g.add_argument("--max-len", type=int, default=30, help="maximum caption length in tokens")
-    g.add_argument("--min-len", type=int, default=1, help="no end of caption before this many tokens")
-    g.add_argument("--num-captions", type=int, default=1,
+    g.add_argument("--max-len", type=at_least(1), default=30, help="maximum caption length in tokens")
+    g.add_argument("--min-len", type=at_least(0), default=1, help="no end of caption before this many tokens")
+    g.add_argument("--num-captions", type=at_least(1), default=1,
                    help="n-best captions per image (beam search needs --beam-size >= N; with --sample, N samples). "
                         "evaluate scores the best of them")
     g.add_argument("--no-repeat-ngram", type=int, default=0, help="never repeat an n-gram of this size (0 = off)")
@@ -47,7 +48,7 @@ def _add_decoding_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (same seed and batch size, same captions)")
-    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--batch-size", type=at_least(1), default=32)
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
 
@@ -103,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-synthetic", help="write a synthetic scenes dataset in COCO caption format")
     p.add_argument("out")
-    p.add_argument("--train", type=int, default=2000)
-    p.add_argument("--val", type=int, default=200)
+    p.add_argument("--train", type=at_least(1), default=2000, help="training images (default: %(default)s)")
+    p.add_argument("--val", type=at_least(1), default=200, help="validation images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("pack-images", help="copy a dataset folder with its images shrunk (same tree, same file "
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return getattr(commands, args.command.replace("-", "_"))(args) or 0
     except CaptionerError as exc:
-        print(f"captioner {args.command}: error: {exc}", file=sys.stderr)
+        print(f"captioner {args.command}: error: {user_message(exc)}", file=sys.stderr)
         return exc.exit_status
     except KeyboardInterrupt:
         print(f"captioner {args.command}: interrupted", file=sys.stderr)

@@ -170,8 +170,8 @@ def caption(args) -> int:
                 entry["attention"] = str(figure)
             if args.json:
                 print(json.dumps(entry), flush=True)
-            else:
-                print(f"{path}\t{entry['captions'][0]['caption']}", flush=True)
+            else:  # a line per caption, best first (--num-captions N: N lines)
+                print("\n".join(f"{path}\t{c['caption']}" for c in entry["captions"]), flush=True)
     failed = loader.dataset.failed_paths  # each was logged by name as it was skipped
     if failed:
         print(f"captioner caption: {len(failed)} of {len(paths)} image(s) could not be read", file=sys.stderr)
@@ -199,6 +199,7 @@ def export(args) -> int:
 def make_synthetic(args) -> int:
     from .data.synthetic import make_synthetic as write
 
+    check_writable_folder(args.out, "the dataset folder")
     paths = write(args.out, args.train, args.val, seed=args.seed)
     print(json.dumps({k: str(v) for k, v in vars(paths).items()}, indent=2))
     return 0

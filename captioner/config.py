@@ -127,6 +127,8 @@ CHOICES: dict[tuple[str, str], tuple[str, ...]] = {
 LIMITS: dict[tuple[str, str], tuple[Any, Any]] = {
     ("data", "image_size"): (16, None), ("data", "augment_scale_min"): ((0.0,), 1.0),
     ("data", "color_jitter"): (0.0, 1.0), ("data", "val_limit"): (0, None),
+    ("model", "trunk_stages"): (1, 5), ("model", "trainable_layers"): (0, 5),  # and <= trunk_stages (encoder.py)
+    ("model", "grid_convs"): (0, None), ("model", "grid_width"): (1, None), ("model", "grid_pool"): (1, None),
     ("model", "dim"): (8, None), ("model", "heads"): (1, None), ("model", "decoder_layers"): (1, None),
     ("model", "bridge_layers"): (0, None), ("model", "dropout"): (0.0, (1.0,)), ("model", "max_len"): (3, None),
     ("model", "attention_reg"): (0.0, None), ("model", "bow_weight"): (0.0, None),
@@ -141,6 +143,7 @@ LIMITS: dict[tuple[str, str], tuple[Any, Any]] = {
     ("train", "trunk_pretrain_lr"): ((0.0,), None), ("train", "trunk_pretrain_tags"): (1, None),
     ("train", "trunk_pretrain_crop"): ((0.0,), 1.0), ("train", "scst_epochs"): (0, None),
     ("train", "scst_lr"): ((0.0,), None),
+    ("train", "scst_samples"): (2, None),  # each sample's reward is compared with the others' of its image
 }
 
 

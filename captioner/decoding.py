@@ -43,6 +43,8 @@ class DecodeOptions:
             problems.append(f"beam size must be >= 1, got {self.beam_size}")
         if self.max_len < 1 or self.min_len < 0:
             problems.append(f"need max_len >= 1 and min_len >= 0, got {self.max_len} and {self.min_len}")
+        elif self.min_len > self.max_len:
+            problems.append(f"min_len {self.min_len} is above max_len {self.max_len}: no caption could end")
         if self.length_norm not in LENGTH_NORMS:
             problems.append(f"length norm must be one of {', '.join(LENGTH_NORMS)}, got {self.length_norm!r}")
         if self.num_return < 1:
@@ -60,6 +62,8 @@ class DecodeOptions:
             problems.append(f"temperature must be > 0, got {self.temperature}")
         if self.top_k < 0 or not 0.0 < self.top_p <= 1.0:
             problems.append(f"need top_k >= 0 and 0 < top_p <= 1, got {self.top_k} and {self.top_p}")
+        elif not self.sample and (self.temperature != 1.0 or self.top_k or self.top_p != 1.0):
+            problems.append("temperature, top_k and top_p shape sampling, and this is a search: sample with them")
         if problems:
             raise ValueError("; ".join(problems))
 

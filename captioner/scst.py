@@ -140,9 +140,6 @@ def check_scst_settings(train_cfg) -> None:
     """Refuse self-critical settings that cannot train, naming the flag."""
     if train_cfg.scst_epochs < 0:
         raise CaptionerError(f"--scst-epochs must be 0 (off) or more, got {train_cfg.scst_epochs}")
-    if train_cfg.scst_epochs and train_cfg.scst_samples < 2:
-        raise CaptionerError(f"--scst-samples must be at least 2 (each sample is compared with the others of its "
-                             f"image), got {train_cfg.scst_samples}")
     if train_cfg.scst_epochs and train_cfg.scst_lr <= 0:
         raise CaptionerError(f"--scst-lr must be positive, got {train_cfg.scst_lr}")
     if train_cfg.scst_reward not in REWARDS:

@@ -34,7 +34,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from . import visualize
-from .data.images import load_image_bytes
+from .data.images import MAX_IMAGE_PIXELS, load_image_bytes
 from .data.transforms import resize_to_tensor
 from .decoding import DecodeOptions
 from .engine import decode_images
@@ -321,6 +321,9 @@ def run_from_args(args) -> int:
 
     if args.max_upload_mb <= 0 or args.max_pixels <= 0:
         raise CaptionerError("--max-upload-mb and --max-pixels must be positive")
+    if args.max_pixels > MAX_IMAGE_PIXELS:  # every image is decoded by the same guarded loader as training's
+        raise CaptionerError(f"--max-pixels {args.max_pixels} is above {MAX_IMAGE_PIXELS}, the most pixels this "
+                             "project decodes in any image (data/images.py)")
     if len(args.checkpoint) > 1 and args.attention_layer is not None:
         raise CaptionerError(f"--attention-layer: an ensemble of {len(args.checkpoint)} checkpoints has no attention "
                              "maps to show (its members attend to different memory tokens)")
@@ -362,4 +365,4 @@ def add_arguments(p) -> None:
     p.add_argument("--max-upload-mb", type=float, default=Limits.max_upload_bytes / 2**20,
                    help="largest request body accepted, in MiB (default: %(default)g)")
     p.add_argument("--max-pixels", type=int, default=Limits.max_pixels,
-                   help="largest image accepted, width x height (default: %(default)d)")
+                   help=f"largest image accepted, width x height (default: %(default)d, at most {MAX_IMAGE_PIXELS})")

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 from pathlib import Path
 
 from .config import CHOICES, RunConfig
+from .errors import CaptionerError
+
+log = logging.getLogger(__name__)
 
 # flag -> (config section, key, type or "bool"), one line per flag; argparse default is SUPPRESS, so only flags
 # the user actually typed override the config file.
@@ -106,12 +111,40 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                            help=help_text)
 
 
+# The dataset flags each --dataset reads (data/factory.py); a typed flag of another dataset would be ignored
+DATASET_KEYS = {"coco": ("train_captions", "train_images", "val_captions", "val_images"),
+                "flickr8k": ("root",), "karpathy": ("karpathy_json", "root")}
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     cfg = RunConfig.load(args.config) if args.config else RunConfig()
     for section, key, _ in TRAIN_FLAGS.values():
         if hasattr(args, key):
             setattr(getattr(cfg, section), key, getattr(args, key))
+    _check_typed_flags(args, cfg)
     return cfg
+
+
+def _check_typed_flags(args: argparse.Namespace, cfg: RunConfig) -> None:
+    """No typed flag is ignored without a word: one naming another dataset's files is a usage error; with
+    --resume, model and data flags are named in a warning (the run continues as it was built and fed)."""
+    typed = [(flag, section, key) for flag, (section, key, _) in TRAIN_FLAGS.items() if hasattr(args, key)]
+    if getattr(args, "resume", None):
+        kept = [flag for flag, section, _ in typed if section in ("model", "data")]
+        if kept and os.environ.get("RANK", "0") == "0":
+            log.warning("--resume continues the run with its own model and data settings; ignored: %s",
+                        ", ".join(kept))
+        return
+    read = DATASET_KEYS.get(cfg.data.dataset, ())
+    other = [flag for flag, _, key in typed
+             if key not in read and any(key in keys for keys in DATASET_KEYS.values())]
+    if other:
+        raise CaptionerError(f"--dataset {cfg.data.dataset} reads {', '.join(_flag(k) for k in read)}; "
+                             f"{', '.join(other)} {'belongs' if len(other) == 1 else 'belong'} to another dataset")
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def typed_model_settings(args: argparse.Namespace) -> set[str]:

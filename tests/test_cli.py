@@ -55,6 +55,10 @@ def test_caption_json_n_best(trained_run, synthetic_dataset, capsys):
     assert entry["path"] == str(image)
     scores = [c["score"] for c in entry["captions"]]
     assert len(scores) == 2 and scores[0] >= scores[1]
+    code = main(["caption", "--checkpoint", str(trained_run / "best.pt"), str(image), "--beam-size", "3",
+                 "--num-captions", "2", "--device", "cpu"])  # the text format: a line per caption, best first
+    assert code == 0
+    assert capsys.readouterr().out.splitlines() == [f"{image}\t{c['caption']}" for c in entry["captions"]]
 
 
 def test_evaluate_writes_metrics_and_coco_results(trained_run, synthetic_dataset, tmp_path):
@@ -108,6 +112,9 @@ def test_a_config_file_value_of_the_wrong_kind_is_refused_naming_file_and_key(tm
     (["--label-smoothing", "1.5", "--workers", "-1"], "--label-smoothing (train.label_smoothing) must be below 1, "
                                                       "got 1.5; --workers (train.workers) must be at least 0, got -1"),
     (["--dim", "30"], "--dim (30) must be a multiple of --heads (4)"),
+    (["--trunk-stages", "6", "--grid-pool", "0", "--scst-samples", "1"],
+     "--trunk-stages (model.trunk_stages) must be at most 5, got 6; --grid-pool (model.grid_pool) must be at least "
+     "1, got 0; --scst-samples (train.scst_samples) must be at least 2, got 1"),
 ])
 def test_settings_out_of_range_are_named_before_the_run_starts(tmp_path, capsys, flags, message):
     code = main(["train", "--dataset", "flickr8k", "--root", str(tmp_path), "--out", str(tmp_path / "run"), *flags])
@@ -144,6 +151,17 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     code = main(["caption", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and "none.pt" in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
+    assert main(["caption", "--checkpoint", str(tmp_path / "run"), str(tmp_path)]) == 2
+    assert f"checkpoint {tmp_path / 'run'} is a folder; give a file in it (best.pt)" in capsys.readouterr().err
+
+
+def test_evaluate_names_the_coco_file_it_was_not_given(trained_run, capsys):
+    assert main(["evaluate", "--checkpoint", str(trained_run / "best.pt"), "--captions", "captions.json",
+                 "--device", "cpu"]) == 2
+    assert ("--dataset coco needs the test split's caption JSON and image folder; no image folder was given"
+            in capsys.readouterr().err)
 
 
 def test_caption_sampling_is_reproducible_and_n_best_sorted(trained_run, synthetic_dataset, capsys):
@@ -163,12 +181,40 @@ def test_caption_sampling_is_reproducible_and_n_best_sorted(trained_run, synthet
 
 @pytest.mark.parametrize("flags,message", [(["--sample", "--beam-size", "3"], "exclusive"),
                                            (["--num-captions", "4", "--beam-size", "2"], "beam size >= 4"),
-                                           (["--top-p", "1.5"], "top_p")])
+                                           (["--top-p", "1.5"], "top_p"),
+                                           (["--min-len", "5", "--max-len", "3"], "min_len 5 is above max_len 3"),
+                                           (["--temperature", "0.7"], "temperature, top_k and top_p shape sampling")])
 def test_bad_decoding_flags_are_usage_errors(trained_run, synthetic_dataset, capsys, flags, message):
     image = str(sorted(synthetic_dataset.val_images.iterdir())[0])
     code = main(["caption", "--checkpoint", str(trained_run / "best.pt"), image, "--device", "cpu", *flags])
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["caption", "--checkpoint", "x.pt", "a.jpg", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+    (["evaluate", "--checkpoint", "x.pt", "--limit", "-5"], "argument --limit: must be at least 0, got -5"),
+    (["bleu-bench", "--checkpoints", "x.pt", "--out", "b", "--max-len", "0"], "argument --max-len: must be at least 1"),
+    (["bleu-bench", "--checkpoints", "x.pt", "--out", "b", "--batch-size", "-1"], "argument --batch-size: must be"),
+    (["make-synthetic", "syn", "--train", "-3"], "argument --train: must be at least 1, got -3"),
+    (["evaluate", "--checkpoint", "x.pt", "--max-len", "ten"], "argument --max-len: invalid int value: 'ten'")])
+def test_numeric_flags_out_of_range_are_refused_when_parsed(capsys, argv, message):
+    """Not a traceback from the DataLoader, nor a silent slice: `--limit -5` would have scored all but 5 images."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_bleu_bench_refuses_a_value_listed_twice_and_make_synthetic_a_file_for_its_folder(
+        trained_run, synthetic_dataset, tmp_path, capsys):
+    checkpoint = str(trained_run / "best.pt")
+    code = main(["bleu-bench", "--checkpoints", checkpoint, "--beam-sizes", "1", "3", "1", "--out", str(tmp_path / "b"),
+                 "--captions", str(synthetic_dataset.val_captions), "--images", str(synthetic_dataset.val_images)])
+    assert code == 2 and "bleu-bench: --beam-sizes lists a value twice: 1 3 1" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("a file")
+    assert main(["make-synthetic", str(tmp_path / "taken"), "--train", "2", "--val", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write to the dataset folder {tmp_path / 'taken'}: {tmp_path / 'taken'} is a file" in err
 
 
 def test_evaluate_records_decoding_settings(trained_run, synthetic_dataset, tmp_path):
@@ -246,11 +292,21 @@ def test_a_resume_without_out_writes_to_the_checkpoints_folder_and_names_setting
     monkeypatch.chdir(tmp_path / "elsewhere")
     with caplog.at_level("WARNING", logger="captioner"):
         assert main(["train", "--resume", "../first/run/last.pt", "--epochs", "2", "--lr", "0.5", "--no-progress",
-                     "--device", "cpu"]) == 0
+                     "--device", "cpu", "--dim", "64", "--train-images", "elsewhere"]) == 0
     log = [json.loads(line) for line in (tmp_path / "first" / "run" / "log.jsonl").read_text().splitlines()]
     assert [record["epoch"] for record in log] == [1, 2]
     assert not (tmp_path / "elsewhere" / "run").exists()
     assert "resuming with the run's own lr=0.001 (a resume keeps them; given: lr=0.5)" in caplog.text
+    assert "--resume continues the run with its own model and data settings; ignored: " in caplog.text
+    assert "--train-images" in caplog.text and "--dim" in caplog.text
+
+
+def test_a_flag_of_another_dataset_is_refused_not_ignored(tmp_path, capsys):
+    code = main(["train", "--dataset", "flickr8k", "--root", str(tmp_path), "--train-captions", "captions.json",
+                 "--out", str(tmp_path / "run")])
+    assert code == 2
+    assert "--dataset flickr8k reads --root; --train-captions belongs to another dataset" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv, usage", [

@@ -174,7 +174,7 @@ def test_a_finished_run_resumed_with_scst_epochs_goes_on_with_them(synthetic_dat
 def test_too_few_samples_is_refused_naming_the_flag(synthetic_dataset, tmp_path, capsys):
     assert _train(synthetic_dataset, tmp_path / "run", "--epochs", "1", "--scst-epochs", "1",
                   "--scst-samples", "1") != 0
-    assert "--scst-samples must be at least 2" in capsys.readouterr().err
+    assert "--scst-samples (train.scst_samples) must be at least 2, got 1" in capsys.readouterr().err
 
 
 def test_a_run_killed_inside_a_self_critical_epoch_resumes_to_the_same_weights(synthetic_dataset, tmp_path):

@@ -358,6 +358,18 @@ def test_an_ensemble_refuses_an_attention_layer_it_cannot_show(tmp_path, capsys)
     assert "--attention-layer: an ensemble of 2 checkpoints has no attention maps" in capsys.readouterr().err
 
 
+def test_a_pixel_limit_beyond_what_the_image_loader_decodes_is_refused_at_start(tmp_path, capsys):
+    """It could never take effect: every upload is decoded by the loader that refuses images above
+    MAX_IMAGE_PIXELS, and such an image would be answered 400 rather than 413."""
+    from captioner.cli import main
+    from captioner.data.images import MAX_IMAGE_PIXELS
+
+    missing = str(tmp_path / "absent.pt")  # refused before any checkpoint is read
+    assert main(["serve", "--checkpoint", missing, "--max-pixels", str(MAX_IMAGE_PIXELS + 1)]) == 2
+    assert (f"--max-pixels {MAX_IMAGE_PIXELS + 1} is above {MAX_IMAGE_PIXELS}, the most pixels this project "
+            "decodes") in capsys.readouterr().err
+
+
 def test_multipart_parser_keeps_bytes_exactly():
     data = b"\r\n--not-the-boundary\r\n\x00\xff" + bytes(range(256)) + b"\r\n"
     body, content_type = multipart({"beam_size": "3", "note": "é"}, {"image": ("a b.jpg", data)})
