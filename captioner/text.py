@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import re
 import tempfile
+import unicodedata
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -20,14 +21,22 @@ from .errors import CaptionerError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
-# Any character that is not a letter, digit, apostrophe or whitespace becomes a space; apostrophes are dropped
-# as coco-caption's PTB tokenizer splits and then removes punctuation tokens.
+# Candidates for a space: any character that is not a letter, digit or whitespace (apostrophes too, as
+# coco-caption's PTB tokenizer splits them off and then removes punctuation tokens) and the underscore.
 _PUNCTUATION = re.compile(r"[^\w\s]|_", flags=re.UNICODE)
 
 
+def _space_unless_mark(match: re.Match) -> str:
+    """Combining marks (Unicode category M: Devanagari and Tamil vowel signs and viramas, accents NFC cannot
+    compose) are parts of their words, though `\\w` does not match them; other candidates become a space."""
+    return match.group() if unicodedata.category(match.group())[0] == "M" else " "
+
+
 def normalize_caption(text: str) -> str:
-    """Lowercase, strip punctuation, collapse whitespace: 'A dog, running.' -> 'a dog running'."""
-    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+    """NFC, lowercase, strip punctuation, collapse whitespace: 'A dog, running.' -> 'a dog running'; an 'e' followed
+    by a combining acute accent is 'é', as a composed one is, and 'हिन्दी' stays one word."""
+    text = unicodedata.normalize("NFC", text).lower()
+    return " ".join(_PUNCTUATION.sub(_space_unless_mark, text).split())
 
 
 def caption_words(text: str) -> list[str]:

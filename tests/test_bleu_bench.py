@@ -4,6 +4,8 @@ import csv
 import json
 import shutil
 
+import pytest
+
 from captioner.cli import main
 
 
@@ -108,3 +110,30 @@ def test_no_repeat_ngrams_are_a_dimension_of_the_benchmark(trained_run, syntheti
     assert any(repeats_a_pair(c) for c in plain)  # the tiny model repeats itself without the ban
     assert not any(repeats_a_pair(c) for c in banned)
     assert json.loads((out / "run.json").read_text())["no_repeat_ngrams"] == [0, 2]
+
+
+def test_a_metric_that_fails_in_some_runs_only_leaves_their_cells_blank_and_names_them(
+        trained_run, synthetic_dataset, tmp_path, monkeypatch):
+    """METEOR (a Java program) may time out in one run of many: the benchmark still writes every table."""
+    pytest.importorskip("pycocoevalcap")
+    from captioner import coco_eval
+    calls = []
+
+    def meteor_that_works_once(gts, res, timeout):
+        calls.append(len(res))
+        if len(calls) > 1:
+            raise RuntimeError("METEOR failed: timed out")
+        return 0.25, [0.25] * len(res)
+
+    monkeypatch.setattr(coco_eval.shutil, "which", lambda name: "/usr/bin/java")
+    monkeypatch.setattr(coco_eval, "_meteor", meteor_that_works_once)
+    out = tmp_path / "bench"
+    assert _bench(trained_run, synthetic_dataset, out, "--metrics", "all") == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(calls) == len(rows) == 4
+    assert [r["METEOR"] for r in rows] == ["0.25", "", "", ""] and all(r["CIDEr"] for r in rows)
+    table = (out / "results.md").read_text().splitlines()
+    meteor = table[0].split(" | ").index("METEOR")
+    assert [line.split(" | ")[meteor] for line in table[2:]] == ["0.2500", "", "", ""]
+    reason = json.loads((out / "run.json").read_text())["skipped_metrics"]["METEOR"]
+    assert reason == f"METEOR skipped: METEOR failed: timed out (runs {', '.join(r['run'] for r in rows[1:])})"

@@ -13,6 +13,16 @@ def test_normalisation_lowercases_and_strips_punctuation():
     assert caption_words("The cat's hat.") == ["the", "cat", "s", "hat"]
 
 
+def test_normalisation_keeps_combining_marks_inside_their_words():
+    """Vowel signs and viramas (category M, which regex's \\w does not match) are letters of Hindi and Tamil
+    words, and a decomposed accent scores like a composed one."""
+    assert caption_words("एक कुत्ता, घास पर।") == ["एक", "कुत्ता", "घास", "पर"]
+    assert caption_words("ஒரு நாய் ஓடுகிறது.") == ["ஒரு", "நாய்", "ஓடுகிறது"]
+    assert normalize_caption("Cafe\u0301 au lait") == normalize_caption("Caf\u00e9 au lait")
+    assert normalize_caption("Cafe\u0301 au lait") == "caf\u00e9 au lait"
+    assert bleu_scores({1: ["un cafe\u0301 noir"]}, {1: "un caf\u00e9 noir"})["Bleu_1"] == pytest.approx(1.0)
+
+
 def test_perfect_match_scores_one():
     refs = {1: ["a red circle on the left"], 2: ["two blue squares in the middle"]}
     scores = bleu_scores(refs, {1: "A red circle on the left.", 2: "two blue squares in the middle"})

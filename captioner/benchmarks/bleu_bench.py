@@ -35,6 +35,7 @@ from ..decoding import DecodeOptions, decode
 from ..engine import Evaluation, autocast_for, encode_split
 from ..ensemble import load_models
 from ..errors import CaptionerError
+from ..flag_types import at_least
 from ..report import write_coco_results, write_error_report, write_per_image_scores
 from ..scoring import score_captions
 
@@ -172,11 +173,11 @@ def run_bleu_bench(checkpoints: list[str], beam_sizes: list[int], length_penalti
     _remove_runs(out, earlier_runs - {row["run"] for row in rows})
     _write_tables(rows, out)
     _plot(rows, out / "bleu_vs_beam.png")
-    key = "CIDEr" if "CIDEr" in rows[0] else "Bleu_4"
+    key = "CIDEr" if all("CIDEr" in row for row in rows) else "Bleu_4"
     best = max(rows, key=lambda r: r[key])
     write_error_report(out / "report.html", evaluations[best["run"]], title=f"bleu-bench best run {best['run']}")
-    skipped = next(iter(evaluations.values())).skipped_metrics
-    for reason in skipped.values():  # the same for every run: said once
+    skipped = _skipped_metrics(evaluations)
+    for reason in skipped.values():  # said once, not once per run
         print(f"[bleu-bench] {reason}", file=sys.stderr, flush=True)
     run_info = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "versions": _versions(),
                 "seed": seed, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -216,8 +217,22 @@ def _remove_runs(out: Path, runs: set[str]) -> None:
               flush=True)
 
 
+def _skipped_metrics(evaluations: dict[str, Evaluation]) -> dict[str, str]:
+    """metric -> why it is missing, over all runs. Usually the same for every run (no Java: no METEOR); a metric
+    that failed in some runs only (METEOR timing out once) names them, and their table cells stay empty."""
+    runs_by_reason: dict[tuple[str, str], list[str]] = {}
+    for run, evaluation in evaluations.items():
+        for metric, reason in evaluation.skipped_metrics.items():
+            runs_by_reason.setdefault((metric, reason), []).append(run)
+    skipped: dict[str, str] = {}
+    for (metric, reason), runs in runs_by_reason.items():
+        where = "" if len(runs) == len(evaluations) else f" (runs {', '.join(runs)})"
+        skipped[metric] = "; ".join(filter(None, [skipped.get(metric), reason + where]))
+    return skipped
+
+
 def _columns(rows: list[dict]) -> list[str]:
-    metric_columns = [m for m in TABLE_METRICS if m in rows[0]]
+    metric_columns = [m for m in TABLE_METRICS if any(m in row for row in rows)]  # missing in some runs: blank
     return ["run", "beam_size", "length_penalty", "no_repeat_ngram", *metric_columns, "captions_per_s", "num_images",
             "checkpoint"]
 
@@ -230,9 +245,15 @@ def _write_tables(rows: list[dict], out: Path) -> None:
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{row[c]:.4f}" if c in TABLE_METRICS else str(row[c]) for c in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(row, c) for c in columns) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def _cell(row: dict, column: str) -> str:
+    """A results.md cell: metrics to 4 places; a metric this run lacks (see _skipped_metrics) blank."""
+    if column not in row:
+        return ""
+    return f"{row[column]:.4f}" if column in TABLE_METRICS else str(row[column])
 
 
 def _plot(rows: list[dict], path: Path) -> None:
@@ -273,8 +294,8 @@ def add_arguments(p) -> None:
                    help="n-gram sizes never repeated in a caption, each its own run (0 = no ban)")
     p.add_argument("--metrics", choices=("bleu", "all"), default="bleu")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--max-len", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-len", type=at_least(1), default=30)
+    p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
 
@@ -292,6 +313,10 @@ def run_from_args(args, records) -> int:
         raise CaptionerError(f"bleu-bench: --length-penalties must be >= 0, got {args.length_penalties}")
     if any(n < 0 for n in args.no_repeat_ngrams):
         raise CaptionerError(f"bleu-bench: --no-repeat-ngrams must be >= 0, got {args.no_repeat_ngrams}")
+    for flag, values in (("--checkpoints", args.checkpoints), ("--beam-sizes", args.beam_sizes),
+                         ("--length-penalties", args.length_penalties), ("--no-repeat-ngrams", args.no_repeat_ngrams)):
+        if len(set(values)) < len(values):  # two runs of one name, the second's files over the first's
+            raise CaptionerError(f"bleu-bench: {flag} lists a value twice: {' '.join(map(str, values))}")
     used = {"coco": ("captions", "images"), "flickr8k": ("root", "split"),  # the flags that chose the split
             "karpathy": ("karpathy_json", "root", "split")}
     dataset_args = {k: getattr(args, k) for k in ("dataset", *used.get(args.dataset, ()), "limit")}
