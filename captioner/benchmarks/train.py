@@ -432,13 +432,16 @@ def add_arguments(p) -> None:
     p.add_argument("--out", help="also write the JSON here")
 
 
-def run_from_args(args) -> int:
-    opts = TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
+def options_from_args(args) -> TrainBenchmarkOptions:
+    return TrainBenchmarkOptions(args.device, args.images, args.batch_size, args.batches, args.baseline_batches,
                                  args.finetune_batches, args.image_size, args.workers, args.captions_per_image,
                                  args.coco_epoch, tuple(int(n) for n in args.decode_threads.split(",") if n),
                                  tuple(args.only), args.pack_size, args.rounds, args.compile,
                                  tuple(args.more_batch_sizes))
-    result = run_train_benchmark(opts)
+
+
+def run_from_args(args) -> int:
+    result = run_train_benchmark(options_from_args(args))
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
