@@ -19,7 +19,8 @@ from .engine import decode_batches, evaluate as evaluate_loader
 from .ensemble import load_models
 from .errors import CaptionerError
 from .report import write_coco_results, write_error_report, write_per_image_scores
-from .training import existing_feature_store, fit, resolve_device
+from .training import fit, resolve_device
+from .training_data import existing_feature_store
 
 
 def split_records(args) -> list[ImageRecord]:
@@ -63,7 +64,8 @@ def pretrain_trunk(args) -> int:
     from .pretrain import pretrain_trunk as run_pretraining, pretraining_settings
     from .shared_trunks import SharedTrunk
     from .train_cli import config_from_args
-    from .training import PRETRAINED_TRUNK, seed_everything, train_and_val_records
+    from .training import PRETRAINED_TRUNK, seed_everything
+    from .training_data import train_and_val_records
 
     if args.resume:
         raise CaptionerError("pretrain-trunk cannot resume: an interrupted pre-training starts over")

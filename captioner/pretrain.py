@@ -41,7 +41,8 @@ from .feature_cache import records_digest
 from .engine import autocast_for, prepare_images, warmup_cosine
 from .errors import CaptionerError
 from .models.encoder import load_resnet18
-from .training import augment_on_device, make_optimizer
+from .training import make_optimizer
+from .training_data import augment_on_device
 
 log = logging.getLogger(__name__)
 

@@ -1,23 +1,19 @@
 """`fit(cfg)`: the whole training run — data, vocabulary, model, epochs, validation BLEU, checkpoints, logs.
 
 Run folder: config.json (resolved config), log.jsonl (one JSON line per epoch), last.pt (every epoch),
-best.pt (best validation BLEU-4 by real decoding).
+best.pt (best validation BLEU-4 by real decoding); run_files.py writes and reads them. What the run reads (records,
+loaders, the feature cache) is set up by training_data.py; stop_signals.py owns SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import shutil
-import signal
-import threading
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Collection
 
@@ -25,36 +21,31 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
 
-from .atomic import copy_atomically
-from .checkpoint import (check_writable_folder, clean_state_dict, load_checkpoint, remove_stale_temporaries,
-                         rng_state, save_checkpoint, set_rng_state, tokenizer_from_payload, tokenizer_payload)
+from .checkpoint import check_writable_folder, load_checkpoint, remove_stale_temporaries, tokenizer_from_payload
 from .config import RunConfig
 from .curves import TENSORBOARD_DIR, write_epoch_scalars
-from .data.collate import CaptionCollate, stacked_draws
-from .data.dataset import CaptionDataset, ignore_stop_signals, stop_workers
-from .data.device_augment import DeviceAugmentLoader, augment_batch
-from .data.device_decode import DeviceDecodingLoader
-from .data.factory import load_records
+from .data.dataset import stop_workers
 from .data.sampling import EpochSampler
-from .data.transforms import TrainAugment
 from .decoding import DecodeOptions
 from .distributed import Distributed, init_distributed, shutdown_distributed
 from .ema import ModelEMA
-from .engine import EpochTotals, NonFiniteLossError, compile_training_forward, evaluate, fill_feature_store, \
-    prepare_images, train_one_epoch, warmup_cosine
-from .feature_cache import FeatureStore, records_digest, tensors_digest
+from .engine import EpochTotals, NonFiniteLossError, compile_training_forward, evaluate, train_one_epoch, \
+    warmup_cosine
 from .init_from import adopt_checkpoint_model, load_initial_weights
-from .errors import CaptionerError, CheckpointWriteError, TrainingInterrupted
+from .errors import CaptionerError
 from .models.captioner import Captioner
+from .run_files import (Checkpointer, best_epoch, earlier_run_files, remove_earlier_run, restore_best_weights,
+                        restore_training_state, write_log)
 from .shared_trunks import SharedTrunk, stored_settings
 from .scst import SelfCriticalBatches, check_scst_settings, make_reward, then_constant
+from .stop_signals import StopSignals
 from .text import Tokenizer
+from .training_data import (attach_feature_stores, calibrate_frozen_trunk, extract_features, make_loader,
+                            train_and_val_records)
 
 log = logging.getLogger(__name__)
 PRETRAINED_TRUNK = "trunk_pretrained.pt"  # in the run folder, with --trunk-pretrain-epochs
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -82,105 +73,6 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def split_records(cfg: RunConfig, split: str):
-    d = cfg.data
-    captions, images = (d.train_captions, d.train_images) if split == "train" else (d.val_captions, d.val_images)
-    return load_records(d.dataset, split, captions=captions, images=images, root=d.root,
-                        karpathy_json=d.karpathy_json)
-
-
-def train_and_val_records(cfg: RunConfig):
-    """The run's training records and its validation records (the first --val-limit of them, when set)."""
-    train_records, val_records = split_records(cfg, "train"), split_records(cfg, "val")
-    return train_records, val_records[: cfg.data.val_limit] if cfg.data.val_limit else val_records
-
-
-AUGMENT_PLACES = ("auto", "workers", "device")
-
-
-def make_loader(records, cfg: RunConfig, tokenizer: Tokenizer | None, train: bool, device: torch.device,
-                dist: Distributed | None = None):
-    """Training batches come in EpochSampler order (a function of seed and epoch, see data/sampling.py).
-    The loader's own generator only seeds worker processes, so iterating never touches the global RNG,
-    which a resumed run restores for dropout."""
-    d, t = cfg.data, cfg.train
-    augment = train_augment(cfg) if train else None
-    if d.gpu_decode and device.type != "cuda":
-        raise CaptionerError(f"--gpu-decode decodes JPEGs with nvjpeg on a CUDA device; this run uses {device}")
-    on_device = augment_on_device(d.augment_on, device) and augment is not None  # the setting checked always
-    encoded = d.gpu_decode and (augment is None or on_device)
-    if d.gpu_decode and not encoded:
-        log.warning("--gpu-decode with --augment-on workers: augmented training images are decoded on the CPU "
-                    "(augmentation runs there); validation images are decoded on the GPU")
-    dataset = CaptionDataset(records, d.image_size, augment=augment, cache_images=d.cache_images and not encoded,
-                             strict=d.strict, encoded=encoded, augment_later=on_device)
-    collate = CaptionCollate(tokenizer if train else None, cfg.model.max_len, t.captions_per_image)
-    dist = dist or Distributed()
-    sampler = EpochSampler(len(dataset), t.seed, shuffle=train, rank=dist.rank, world_size=dist.world_size)
-    loader = DataLoader(dataset, batch_size=t.batch_size, sampler=sampler, num_workers=t.workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda", persistent_workers=t.workers > 0,
-                        generator=torch.Generator().manual_seed(t.seed), worker_init_fn=ignore_stop_signals)
-    if encoded:
-        loader = DeviceDecodingLoader(loader, device)
-    return DeviceAugmentLoader(loader, device) if on_device else loader
-
-
-def augment_on_device(setting: str, device: torch.device) -> bool:
-    """Whether --augment-on SETTING computes the training augmentation on `device` as a batch (auto: on CUDA,
-    where it frees the workers' CPU time; on a CPU device the workers already run in parallel with the step)."""
-    if setting not in AUGMENT_PLACES:
-        raise CaptionerError(f"--augment-on must be one of {', '.join(AUGMENT_PLACES)}, got {setting!r}")
-    return setting == "device" or (setting == "auto" and device.type == "cuda")
-
-
-def train_augment(cfg: RunConfig) -> TrainAugment | None:
-    """The training augmentation the data section asks for (None without --augment)."""
-    d = cfg.data
-    if not d.augment:
-        if d.hflip:
-            raise CaptionerError("--hflip is an option of --augment: add --augment (or drop --hflip)")
-        return None
-    try:
-        return TrainAugment(d.image_size, (d.augment_scale_min, 1.0), brightness=d.color_jitter,
-                            contrast=d.color_jitter, saturation=d.color_jitter, hflip=d.hflip)
-    except ValueError as exc:
-        raise CaptionerError(f"augmentation settings (--augment-scale-min, --color-jitter): {exc}") from None
-
-
-def calibrate_frozen_trunk(model, dataset: CaptionDataset, seed: int, device: torch.device, num_images: int = 128,
-                           chunk: int = 16) -> None:
-    """Measure BatchNorm statistics for the frozen prefix of a randomly initialised trunk (see
-    ResNet18Trunk.calibrate_prefix) on the first `num_images` of epoch 0's order, in chunks of `chunk`: the same
-    images whatever the batch size or number of processes, so every process (and a single-process run with
-    the same global batch) gets identical statistics.
-
-    None of those images readable is an error, raised before the run changes anything in its folder: the
-    statistics would stay those of an untouched BatchNorm and the epochs would skip every image anyway."""
-    order = EpochSampler(len(dataset), seed).order()[:num_images]
-    read = 0
-
-    def batches():
-        nonlocal read
-        for start in range(0, len(order), chunk):
-            items = [item for item in (dataset[i] for i in order[start : start + chunk]) if item is not None]
-            read += len(items)
-            if items:
-                images = torch.stack([item["image"] for item in items])
-                draws = stacked_draws(items)  # augmentation that would run on the device (augment_later)
-                yield prepare_images(images if draws is None else augment_batch(images, draws), device)
-
-    encoded, dataset.encoded = dataset.encoded, False  # pixels decoded here, whatever the loader does later
-    try:
-        model.encoder.calibrate_prefix(batches())
-    finally:
-        dataset.encoded = encoded
-    if read == 0:
-        raise CaptionerError(f"none of the {len(order)} training images read to calibrate the frozen trunk could be "
-                             f"read (the first: {dataset.records[order[0]].path}); see the warnings above")
-    log.info("calibrated the frozen trunk's BatchNorm statistics on %d images%s", read,
-             f" ({len(order) - read} unreadable, skipped)" if read < len(order) else "")
-
-
 class TrainStep(nn.Module):
     """`model.forward_train` as a module's forward, which is what DistributedDataParallel wraps and syncs."""
 
@@ -190,169 +82,6 @@ class TrainStep(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self.model.forward_train(*args, **kwargs)
-
-
-class _Checkpointer:
-    """Writes RUN/last.pt (every epoch, and mid-epoch every `every_steps` batches or `every_minutes`), RUN/best.pt
-    and RUN/log.jsonl, in an order that survives a kill at any instant:
-
-    - best.pt before last.pt: if a run dies between them, the resume redoes the epoch from the previous last.pt
-      and writes the same best.pt again (the reverse order could leave best.pt one epoch behind for good);
-    - log.jsonl is rewritten (atomically) from the epoch records stored in last.pt, so it always matches it:
-      after every epoch, and on every resume (a kill between the final last.pt and its log.jsonl leaves the resumed
-      run no epoch to train).
-    """
-
-    def __init__(self, out: Path, cfg: RunConfig, tokenizer: Tokenizer, steps_per_epoch: int, is_main: bool = True):
-        """Only the main process (rank 0) writes; on the others every save is a no-op."""
-        self.out, self.cfg, self.tokenizer, self.steps_per_epoch = out, cfg, tokenizer, steps_per_epoch
-        self.is_main = is_main
-        self.every_steps, self.every_seconds = cfg.train.checkpoint_every, cfg.train.checkpoint_minutes * 60
-        self.last_saved = time.monotonic()
-        self.ema: ModelEMA | None = None
-
-    def weights(self, model) -> dict[str, Any]:
-        """"model" holds the weights to caption with: the moving average when there is one, and then
-        "raw_model" the trained weights themselves and "ema_updates" the average's count (what a resume needs)."""
-        if self.ema is None:
-            return {"model": clean_state_dict(model.state_dict())}
-        return {"model": clean_state_dict(self.ema.state_dict()), "raw_model": clean_state_dict(model.state_dict()),
-                "ema_updates": self.ema.updates}
-
-    def payload(self, model, optimizer, scheduler, epoch: int, totals: EpochTotals | None, best: float,
-                history: list[dict], metrics: dict | None = None) -> dict[str, Any]:
-        """`totals` None: `epoch` is complete. Otherwise the run is `totals.batches` batches into `epoch`."""
-        return {**self.weights(model), "config": self.cfg.to_dict(),
-                "tokenizer": tokenizer_payload(self.tokenizer), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch,
-                "epoch_batches": 0 if totals is None else totals.batches,
-                "epoch_totals": {} if totals is None else asdict(totals),
-                "steps_per_epoch": self.steps_per_epoch, "step": scheduler.last_epoch, "best_metric": best,
-                "metrics": dict(metrics or {}), "history": list(history), "rng": rng_state()}
-
-    def mid_epoch_due(self, totals: EpochTotals) -> bool:
-        if totals.batches >= self.steps_per_epoch:
-            return False  # the epoch-end checkpoint follows at once
-        by_steps = self.every_steps > 0 and totals.batches % self.every_steps == 0
-        by_time = self.every_seconds > 0 and time.monotonic() - self.last_saved >= self.every_seconds
-        return by_steps or by_time
-
-    def save_last(self, payload: dict[str, Any]) -> None:
-        if self.is_main:
-            save_checkpoint(self.out / "last.pt", payload)
-        self.last_saved = time.monotonic()
-
-    def save_epoch(self, payload: dict[str, Any], is_best: bool) -> None:
-        if not self.is_main:
-            return
-        if is_best:
-            save_checkpoint(self.out / "best.pt", payload)
-        self.save_last(payload)
-        write_log(self.out / "log.jsonl", payload["history"])
-
-
-class StopSignals:
-    """SIGINT (Ctrl-C) or SIGTERM (what schedulers send before preempting a job) during training: the current
-    batch finishes, last.pt is written at that exact point, and the run stops with TrainingInterrupted.
-    A second signal goes to the previous handler (Ctrl-C twice still interrupts at once). Only the main
-    thread can install handlers; elsewhere this does nothing."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum: int, frame) -> None:
-        self.received = signum
-        self._restore()
-
-    def _restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        self._previous = {}
-
-    def __exit__(self, *exc_info) -> None:
-        self._restore()
-
-    def agreed(self, dist: Distributed, device: torch.device, checkpoint_due: bool = False) -> tuple[bool, bool]:
-        """-> (stop, checkpoint): whether any process received a signal, and whether any process finds a
-        mid-epoch checkpoint due, by one vote of them all; a process that learns another one received a signal
-        takes it as its own. A process must stop on this answer only: acting on its own flag, set by a signal
-        that arrived after the vote, it would leave the others waiting in their next collective (DDP's gradient
-        all-reduce), and torchrun forwards a SIGTERM to each process at a slightly different moment. A signal
-        that misses one vote is counted at the next. The checkpoint is voted on for the same reason: writing one
-        sums the epoch's figures over the processes, and `--checkpoint-minutes` reads each process's own clock."""
-        stopping, checkpointing = dist.any_each([self.received is not None, checkpoint_due], device)
-        if stopping:
-            self.received = self.received or signal.SIGTERM
-        return stopping, checkpointing
-
-    def raise_if_received(self, where: str, out: Path) -> None:
-        if self.received is not None:
-            name = signal.Signals(self.received).name
-            raise TrainingInterrupted(f"stopped by {name} {where}; {out / 'last.pt'} holds this exact point: continue "
-                                      f"with `captioner train --resume {out / 'last.pt'}`", self.received)
-
-
-SCST_START = "scst_start.pt"  # in the run folder: the checkpoint the self-critical epochs started from
-RUN_FILES = ("last.pt", "best.pt", "log.jsonl", SCST_START)  # what a run's epochs write in its folder
-
-
-def earlier_run_files(out: Path, overwrite: bool, init_from: str = "") -> list[Path]:
-    """The files of another run in `out` that this run would replace, or a CaptionerError without `overwrite`.
-
-    A run may not start (or resume into) a folder holding another run's checkpoints: it would replace them epoch
-    by epoch (a finished run's best.pt lost to a typo in --out), and until then `evaluate RUN/best.pt` would read
-    the old run's. With `overwrite` they are removed, but only once every check has passed and training starts
-    (remove_earlier_run). A pre-trained trunk and the feature cache stay: each is checked against this run's
-    settings before it is reused."""
-    found = [out / name for name in RUN_FILES if (out / name).exists()]
-    if not found:
-        return []
-    names = ", ".join(path.name for path in found)
-    if not overwrite:
-        resume = f"`captioner train --resume {out / 'last.pt'}` continues it, " if (out / "last.pt") in found else ""
-        raise CaptionerError(f"{out} holds another run ({names}): {resume}--overwrite replaces it, or choose another "
-                             "--out")
-    if init_from and Path(init_from).resolve() in {path.resolve() for path in found}:
-        raise CaptionerError(f"--init-from {init_from} is one of the files --overwrite would remove from {out} "
-                             f"({names}): copy it elsewhere first, or choose another --out")
-    return found
-
-
-def remove_earlier_run(found: list[Path], out: Path, dist: Distributed) -> None:
-    """--overwrite: the earlier run's files (earlier_run_files) and its TensorBoard scalars, by rank 0."""
-    if found and dist.is_main:
-        for path in found:
-            path.unlink(missing_ok=True)
-        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
-        log.info("--overwrite: removed the earlier run's %s from %s", ", ".join(p.name for p in found), out)
-
-
-def write_log(path: Path, history: list[dict]) -> None:
-    """One JSON line per completed epoch, replaced atomically (a reader never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text("".join(json.dumps(record) + "\n" for record in history))
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise CheckpointWriteError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _history_before(out: Path, epoch: int) -> list[dict]:
-    """Epoch records of a checkpoint written before they were stored in it: the run folder's log, up to `epoch`."""
-    path = out / "log.jsonl"
-    if not path.is_file():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r.get("epoch", 0) <= epoch]
 
 
 def _check_finite_weights(model, epoch: int) -> None:
@@ -368,7 +97,6 @@ RESUME_MAY_CHANGE = ("epochs", "out", "device", "checkpoint_every", "checkpoint_
 """The train settings a resumed run takes from `cfg` rather than from its checkpoint: how long, where to write,
 which device, how often to checkpoint, and the self-critical epochs after the cross-entropy ones (a finished run
 can be given some)."""
-
 
 def fit(cfg: RunConfig, resume: str | None = None, progress: bool = True, extract_only: bool = False,
         resume_changes: Collection[str] | None = None, typed_model: Collection[str] | None = None,
@@ -482,14 +210,14 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, then_constant(
         warmup_cosine(t.epochs * updates_per_epoch, max(1, int(t.warmup_epochs * updates_per_epoch))),
         t.epochs * updates_per_epoch, t.scst_lr / t.lr if t.scst_epochs else 0.0))
-    checkpointer = _Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
+    checkpointer = Checkpointer(out, cfg, tokenizer, steps_per_epoch, is_main=dist.is_main)
 
     if payload is None and not initialised and start_weights == "none" and model.encoder.has_frozen_prefix:
         calibrate_frozen_trunk(model, train_loader.dataset, t.seed, device)
     ema = checkpointer.ema = ModelEMA(model, t.ema_decay) if t.ema_decay > 0 else None
     start_epoch, best, history, totals = 1, float("-inf"), [], None
     if payload is not None:
-        start_epoch, best, history, totals = _restore(payload, resume, model, optimizer, scheduler, steps_per_epoch,
+        start_epoch, best, history, totals = restore_training_state(payload, resume, model, optimizer, scheduler, steps_per_epoch,
                                                       out, ema)
         if totals is not None and not dist.is_main:  # the saved sums are the whole run's: rank 0 carries them on
             totals = totals.position_only()
@@ -501,7 +229,7 @@ def _fit(cfg: RunConfig, resume: str | None, progress: bool, dist: Distributed, 
 
     stores = attach_feature_stores(cfg, model, {"train": train_loader, "val": val_loader}, out, device, dist)
     if extract_only:
-        return _extract(model, {"train": train_loader, "val": val_loader}, stores, device, dist, progress)
+        return extract_features(model, {"train": train_loader, "val": val_loader}, stores, device, dist, progress)
     forward = None
     if dist.enabled:  # after the checkpoint is restored: DDP sends rank 0's weights and buffers to all at start
         device_ids = [device.index] if device.type == "cuda" else None
@@ -657,174 +385,9 @@ def skip_to_update(scheduler, update: int) -> None:
         scheduler.step()  # skipped, which is the point here
 
 
-def restore_best_weights(model: nn.Module, ema: ModelEMA | None, history: list[dict], out: Path,
-                         folders: list[Path], dist: Distributed) -> None:
-    """Load the best epoch's weights into `model`, and into `ema` with a moving average, on every process: where
-    self-critical training starts (--scst-start best). They come from RUN/scst_start.pt when an earlier start of
-    the phase kept them there, else from best.pt (in `out`, else in the first of `folders`), which is then kept
-    as out/scst_start.pt: the first self-critical epoch to improve on it replaces best.pt, and a run killed before
-    its last.pt followed must still find where the phase started.
-
-    Cross-entropy epochs after the best one fit the training captions' wording more than the photos (validation
-    BLEU-4 drifts down while the loss falls), so sampling from them starts from a worse policy; Rennie et al.
-    start from the best cross-entropy model too. The optimizer's moments are kept."""
-    best, last = best_epoch(history), (history[-1]["epoch"] if history else 0)
-    if best in (0, last):  # the same on every process: each holds the same epoch records
-        return
-    problem = None
-    if dist.is_main:  # reads the file; the others receive the weights (no shared folder needed)
-        try:
-            source = _load_best_checkpoint(model, ema, history, best, last, out, folders)
-            scores = {r["epoch"]: r.get("val_Bleu_4", float("nan")) for r in history}
-            log.info("self-critical training starts from epoch %d's weights (%s, validation BLEU-4 %.4f), not from "
-                     "the last epoch's (%d, %.4f)", best, source, scores[best], last, scores[last])
-        except Exception as exc:  # sent to every process, which would otherwise wait for weights that never come
-            problem = f"{exc}" if isinstance(exc, CaptionerError) else f"{type(exc).__name__}: {exc}"
-    problem = dist.broadcast(problem)
-    if problem:
-        raise CaptionerError(problem)
-    dist.broadcast_module(model)
-    if ema is not None:
-        dist.broadcast_module(ema.module)
-        ema.updates = dist.broadcast(ema.updates)
-
-
-def _load_best_checkpoint(model: nn.Module, ema: ModelEMA | None, history: list[dict], best: int, last: int,
-                          out: Path, folders: list[Path]) -> Path:
-    """Load epoch `best`'s checkpoint (see restore_best_weights) -> the file it came from."""
-    score = next(r.get("val_Bleu_4") for r in history if r["epoch"] == best)
-    candidates = [out / SCST_START, *(folder / "best.pt" for folder in dict.fromkeys([out, *folders]))]
-    looked = []
-    for path in candidates:
-        if not path.is_file():
-            continue
-        payload = load_checkpoint(path)
-        if payload.get("epoch") == best and payload.get("metrics", {}).get("Bleu_4") == score:
-            break
-        looked.append(f"{path} holds epoch {payload.get('epoch')}")
-    else:
-        where = "; ".join(looked) or "no best.pt in " + " or ".join(map(str, dict.fromkeys([out, *folders])))
-        raise CaptionerError(f"--scst-start best: the self-critical epochs start from epoch {best}'s weights (its "
-                             f"validation BLEU-4 was the best), but no checkpoint holds them ({where}); use "
-                             f"--scst-start last to start from epoch {last}'s")
-    model.load_state_dict(clean_state_dict(payload.get("raw_model", payload["model"])))
-    if ema is not None:
-        ema.load(clean_state_dict(payload["model"]), payload.get("ema_updates", 0))
-    if path != out / SCST_START:
-        try:
-            copy_atomically(path, out / SCST_START)
-        except OSError as exc:
-            raise CheckpointWriteError(f"cannot write {out / SCST_START}: {exc.strerror or exc}") from None
-    return path
-
-
-def best_epoch(history: list[dict]) -> int:
-    """The first epoch with the highest validation BLEU-4 of `history` (what best.pt holds); 0 if none."""
-    scored = [r for r in history if "val_Bleu_4" in r]
-    return max(scored, key=lambda r: r["val_Bleu_4"])["epoch"] if scored else 0
-
-
-def feature_cache_folder(cfg: RunConfig, out: Path) -> Path | None:
-    """Where frozen-prefix features are cached, or None when they cannot be (nothing frozen, or augmented
-    images, whose features differ every epoch) or the user turned the cache off."""
-    setting = cfg.data.feature_cache
-    if setting == "off" or cfg.model.trainable_layers >= cfg.model.trunk_stages or cfg.data.augment:
-        return None
-    return out / "feature_cache" if setting == "auto" else Path(setting)
-
-
-def open_feature_store(cfg: RunConfig, model, records, folder: Path, device: torch.device,
-                       create: bool = True) -> FeatureStore:
-    """The FeatureStore of `records` for this model's frozen prefix, keyed by the prefix's weights and BatchNorm
-    statistics (after calibration or a resume), the trunk split, the image size and the split's files."""
-    size = cfg.data.image_size
-    with torch.no_grad():
-        probe = model.encoder.forward_prefix(torch.zeros(1, 3, size, size, device=device))  # (1, C, h, w)
-    key = {"prefix": tensors_digest(model.encoder.prefix.state_dict()), "trainable_layers": cfg.model.trainable_layers,
-           "trunk_stages": cfg.model.trunk_stages,
-           "image_size": size, "records": records_digest(records)}
-    return FeatureStore.open(folder, key, len(records), probe.shape[1:], create=create)
-
-
-def existing_feature_store(cfg: RunConfig, model, records, device: torch.device) -> FeatureStore | None:
-    """The store the training run of this checkpoint filled for these very images, if there is one (what lets
-    `evaluate` skip the JPEGs of a validation split the run already cached)."""
-    folder = feature_cache_folder(cfg, Path(cfg.train.out))
-    if folder is None or not folder.is_dir():
-        return None
-    try:
-        store = open_feature_store(cfg, model, records, folder, device, create=False)
-    except FileNotFoundError:
-        return None
-    log.info("using cached features from %s (%d of %d images)", store.folder, len(store), len(records))
-    return store
-
-
-def attach_feature_stores(cfg: RunConfig, model, loaders: dict[str, DataLoader], out: Path, device: torch.device,
-                          dist: Distributed) -> dict[str, FeatureStore]:
-    """One FeatureStore per split (see open_feature_store), attached to the split's dataset. Under torchrun
-    rank 0 creates them and the others open them after a barrier."""
-    folder = feature_cache_folder(cfg, out)
-    if folder is None:
-        return {}
-    stores = {}
-    for split, loader in loaders.items():
-        dataset = loader.dataset
-        if dist.is_main:
-            store = open_feature_store(cfg, model, dataset.records, folder, device)
-        dist.barrier()
-        if not dist.is_main:
-            store = open_feature_store(cfg, model, dataset.records, folder, device, create=False)
-        dataset.features = store
-        dataset.cache_images = False  # pixels are needed once, for the features; no point keeping them
-        stores[split] = store
-        log.info("%s features: %s (%d of %d images cached)", split, store.folder, len(store), len(dataset))
-    return stores
-
-
-def _extract(model, loaders: dict[str, DataLoader], stores: dict[str, FeatureStore], device: torch.device,
-             dist: Distributed, progress: bool) -> dict[str, Any]:
-    """`captioner extract-features`: fill every split's store (each process its share), without training."""
-    if not stores:
-        raise CaptionerError("nothing to cache: feature caching needs --trainable-layers below 5, no --augment, "
-                             "and --feature-cache not 'off'")
-    started = time.time()
-    for split, loader in loaders.items():
-        loader.sampler.set_epoch(1)
-        fill_feature_store(model, loader, stores[split], device, progress, desc=f"features {split}")
-    dist.barrier()
-    return {"rank": dist.rank, "seconds": round(time.time() - started, 2),
-            **{split: {"folder": str(s.folder), "cached": len(s), "images": s.meta["num_items"]}
-               for split, s in stores.items()}}
-
-
 def _summed_over_processes(totals: EpochTotals, dist: Distributed, device: torch.device) -> EpochTotals:
     loss_sum, bow_sum, tokens, images, skipped, reward_sum, rewards = dist.sum(
         [totals.loss_sum, totals.bow_sum, totals.tokens, totals.images, totals.skipped_images, totals.reward_sum,
          totals.rewards], device)
     return EpochTotals(loss_sum, bow_sum, int(tokens), int(images), totals.batches, totals.steps, int(skipped),
                        totals.nonfinite_steps, reward_sum, int(rewards))
-
-
-def _restore(payload: dict[str, Any], path: str, model, optimizer, scheduler, steps_per_epoch: int, out: Path,
-             ema: ModelEMA | None = None):
-    """Load a checkpoint's training state -> (epoch to run next, best metric, epoch records, mid-epoch totals).
-    With a moving average, "model" holds it and "raw_model" the trained weights (see _Checkpointer.weights)."""
-    saved_steps = payload.get("steps_per_epoch", steps_per_epoch)
-    if saved_steps != steps_per_epoch:
-        raise CaptionerError(f"checkpoint {path} was written with {saved_steps} batches per epoch, but the training "
-                             f"set now gives {steps_per_epoch}: the data changed since, or the number of processes "
-                             "(an epoch's batches are its images / (processes x --batch-size)), so the run cannot "
-                             "resume")
-    model.load_state_dict(clean_state_dict(payload.get("raw_model", payload["model"])))
-    if ema is not None:
-        ema.load(clean_state_dict(payload["model"]), payload.get("ema_updates", 0))
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
-    set_rng_state(payload["rng"])
-    epoch, batches = payload["epoch"], payload.get("epoch_batches", 0)
-    history = list(payload["history"]) if "history" in payload else _history_before(out, epoch)
-    if batches:  # stopped inside `epoch`: run the rest of it
-        log.info("resuming epoch %d at batch %d of %d", epoch, batches, steps_per_epoch)
-        return epoch, payload["best_metric"], history, EpochTotals(**payload["epoch_totals"])
-    return epoch + 1, payload["best_metric"], history, None

@@ -23,7 +23,7 @@ from captioner.data.transforms import TrainAugment
 from captioner.errors import CaptionerError
 from captioner.pretrain import pretrain_trunk
 from captioner.text import Tokenizer
-from captioner.training import augment_on_device, make_loader
+from captioner.training_data import augment_on_device, make_loader
 from conftest import TINY
 from test_pretrain import colour_dataset, pretraining_config
 

@@ -20,7 +20,7 @@ from captioner.data.records import ImageRecord
 from captioner.engine import train_one_epoch
 from captioner.errors import CaptionerError
 from captioner.text import Tokenizer
-from captioner.training import make_loader
+from captioner.training_data import make_loader
 from conftest import tiny_model
 from test_reliability import write_image_zoo
 

@@ -144,7 +144,7 @@ class _TwoProcessVote:
 def test_processes_stop_on_the_vote_not_on_a_signal_that_came_after_it():
     import signal
 
-    from captioner.training import StopSignals
+    from captioner.stop_signals import StopSignals
 
     stop, device = StopSignals(), torch.device("cpu")
     dist = _TwoProcessVote(others=[(False, False), (False, False)])
@@ -160,7 +160,7 @@ def test_processes_stop_on_the_vote_not_on_a_signal_that_came_after_it():
 def test_a_checkpoint_due_on_one_process_clock_is_written_by_all():
     """--checkpoint-minutes reads each process's clock; writing a checkpoint sums figures over all processes, so
     a process whose clock says "not yet" must join the one whose clock says "now", or that one waits forever."""
-    from captioner.training import StopSignals
+    from captioner.stop_signals import StopSignals
 
     device = torch.device("cpu")
     assert StopSignals().agreed(_TwoProcessVote(others=[(False, True)]), device, checkpoint_due=False) == (False, True)

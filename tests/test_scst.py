@@ -245,7 +245,7 @@ def test_self_critical_training_starts_from_the_best_epochs_weights(tmp_path):
     from captioner.distributed import Distributed
     from captioner.ema import ModelEMA
     from captioner.errors import CaptionerError
-    from captioner.training import SCST_START, restore_best_weights
+    from captioner.run_files import SCST_START, restore_best_weights
 
     torch.manual_seed(0)
     best_model, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)

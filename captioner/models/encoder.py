@@ -180,7 +180,7 @@ class ResNet18Trunk(nn.Module):
         convolution's sums come out in an order that depends on the thread count and memory layout (and on CUDA
         the algorithm picked, TF32): the same images gave statistics differing in their last bits between a
         2-thread process and a 1-thread one (as under torchrun), which is enough to change the feature cache's
-        key (training.open_feature_store) and miss the cache `captioner extract-features` had filled. float64's
+        key (training_data.open_feature_store) and miss the cache `captioner extract-features` had filled. float64's
         own rounding is far below float32's, so the stored values no longer depend on how they were computed.
         (128 images at 160 px took 5.3 s on 2 CPU cores instead of 0.8 s, once per run.)"""
         device = next(self.prefix.parameters()).device
