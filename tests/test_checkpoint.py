@@ -1,6 +1,5 @@
 import errno
 import os
-import pickle
 import shutil
 import subprocess
 import sys

@@ -8,7 +8,6 @@ from PIL import Image
 
 from captioner.cli import main
 from captioner.curves import read_log, write_epoch_scalars
-from captioner.errors import CaptionerError
 from conftest import TINY
 
 

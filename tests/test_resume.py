@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint
